@@ -1,0 +1,135 @@
+"""Server assembly: settings, model, collections, gRPC services, signals and shutdown.
+
+Start-up order: bind the port and answer health NOT_SERVING at once (so orchestrators see a
+live process), load the model and open the collections off the event loop, then flip health to
+SERVING. SIGTERM or SIGINT: health NOT_SERVING, stop taking calls, let in-flight calls finish
+within the grace period, snapshot every changed index, close the stores. A second signal exits
+at once (the store is the source of truth, so nothing acknowledged is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+import grpc
+from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .collection import Collections
+from .config import Settings, parse_settings
+from .embedder import Embedder
+from .model import ModelLoadError, load_model
+from .service import ClipSearchServicer
+
+log = logging.getLogger("clipsearch_server")
+
+SERVICE_NAME = clipsearch_pb2.DESCRIPTOR.services_by_name["ClipSearchService"].full_name
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: this server's embeddings are meaningless for search; use it only to try "
+    "the API or to benchmark"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `clipsearch serve` and `clipsearch-server`."""
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(serve(settings))
+
+
+async def serve(settings: Settings) -> int:
+    """Run the server until a signal; returns the process exit code."""
+    limit = settings.max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ])
+    servicer = ClipSearchServicer(settings)
+    clipsearch_pb2_grpc.add_ClipSearchServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        log.error("cannot listen on %s: %s", address, exc)
+        return 2
+    await server.start()
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.info("listening on %s:%d (loading model)", settings.host, port)
+
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+
+    try:
+        model = await asyncio.to_thread(load_model, settings)
+    except ModelLoadError as exc:
+        log.error("model load failed: %s", exc)
+        await server.stop(0)
+        return 2
+    log.info("model %s (%s) loaded on %s, %s, dim %d, in %.1fs; fingerprint %s",
+             model.name, settings.weights_source, model.device, model.precision, model.dim,
+             model.load_seconds, model.fingerprint)
+    if model.random_weights:
+        log.warning(RANDOM_WEIGHTS_WARNING)
+
+    collections = Collections(settings.data_dir, model.dim, model.fingerprint,
+                              settings.hnsw_m, settings.hnsw_ef_construction)
+    await asyncio.to_thread(collections.open_all)
+    embedder = Embedder(model, settings.max_batch_size, settings.max_image_pixels,
+                        settings.decode_threads)
+    servicer.ready(model, embedder, collections)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)
+
+    snapshots = asyncio.create_task(_snapshot_periodically(collections, settings))
+    await stop.wait()
+
+    log.info("shutting down: draining calls for up to %.0fs", settings.shutdown_grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    snapshots.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await snapshots
+    await asyncio.to_thread(collections.snapshot_all)
+    collections.close_all()
+    embedder.close()
+    log.info("stopped")
+    return 0
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def _snapshot_periodically(collections: Collections, settings: Settings) -> None:
+    """Keep snapshots recent so a restart replays little of the store."""
+    while True:
+        await asyncio.sleep(settings.snapshot_interval_s)
+        await asyncio.to_thread(collections.snapshot_all)

@@ -1,0 +1,311 @@
+"""A named collection = durable store + HNSW index, and the registry of all of them.
+
+Lock discipline (one collection):
+* writes (upsert, delete) take the index's write lock, commit to the store, then apply the
+  same change to the graph, so the graph never runs ahead of the store and never lags it
+  while the lock is free;
+* searches take the read lock and may run together;
+* a snapshot takes the write lock for the save (hnswlib's save holds the GIL anyway).
+A write acknowledged to a client is in the store; the graph is rebuilt from the store at start
+where a snapshot is missing, damaged, or older than the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .index import HnswIndex, SnapshotInvalid, fsync_dir
+from .store import NewItem, Record, Store
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STORE_FILE = "store.sqlite3"
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    count: int
+    dim: int
+    model_fingerprint: str
+    m: int
+    ef_construction: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    score: float
+    metadata: dict
+    vector: np.ndarray
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise InvalidArgument(
+            f"collection name {name!r} is not valid: use 1 to 64 letters, digits, '_', '-' or "
+            "'.', starting with a letter or digit"
+        )
+
+
+class Collection:
+    """One collection's store and graph, kept in step."""
+
+    def __init__(self, folder: Path, store: Store, meta: dict[str, str]) -> None:
+        self.folder = folder
+        self.name = folder.name
+        self.store = store
+        self.dim = int(meta["dim"])
+        self.model_fingerprint = meta["model_fingerprint"]
+        self.created_at = float(meta["created_at"])
+        self.index = HnswIndex(folder, self.dim, int(meta["m"]), int(meta["ef_construction"]))
+        self._count = store.count()
+        self._closed = False
+        self._saved_seq: int | None = None  # sequence of the newest snapshot on disk
+
+    # --- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, folder: Path, dim: int, fingerprint: str, m: int, ef_construction: int
+               ) -> Collection:
+        folder.mkdir(parents=True)
+        store = Store(folder / STORE_FILE)
+        store.write_meta({"dim": str(dim), "model_fingerprint": fingerprint, "m": str(m),
+                          "ef_construction": str(ef_construction),
+                          "created_at": repr(time.time())})
+        fsync_dir(folder.parent)
+        return cls(folder, store, store.read_meta())
+
+    @classmethod
+    def open(cls, folder: Path) -> Collection:
+        store = Store(folder / STORE_FILE)
+        collection = cls(folder, store, store.read_meta())
+        collection._recover_index()
+        return collection
+
+    def _recover_index(self) -> None:
+        """Load the snapshot and replay what the store has beyond it, or rebuild."""
+        started = time.perf_counter()
+        with self.index.lock.write():
+            store_seq = self.store.seq
+            try:
+                manifest = self.index.load()
+                if manifest.seq > store_seq:
+                    raise SnapshotInvalid(
+                        f"snapshot covers sequence {manifest.seq}, ahead of the store's {store_seq}"
+                    )
+                how = "loaded snapshot" if manifest.seq == store_seq else "loaded snapshot + replay"
+                self._saved_seq = manifest.seq
+            except SnapshotInvalid as exc:
+                if store_seq > 0:
+                    log.warning("collection %s: %s; rebuilding the index from the store",
+                                self.name, exc)
+                self.index.reset()
+                how = "rebuilt from store"
+            self._replay_after(self.index.seq)
+            self.index.seq = store_seq
+        log.info("collection %s: %d items, %s in %.2fs", self.name, self._count, how,
+                 time.perf_counter() - started)
+
+    def _replay_after(self, seq: int) -> None:
+        for labels, vectors in self.store.changes_after(seq):
+            self.index.add(labels, vectors)
+        self.index.delete(self.store.deletions_after(seq))
+
+    def snapshot(self, force: bool = False) -> bool:
+        """Save the graph if it changed since the last snapshot; True when saved."""
+        with self.index.lock.write():
+            if self._closed:
+                return False
+            if not force and self._saved_seq == self.index.seq:
+                return False
+            manifest = self.index.save()
+            self._saved_seq = manifest.seq
+        self.store.forget_deletions_through(manifest.seq)
+        return True
+
+    def close(self) -> None:
+        with self.index.lock.write():
+            self._closed = True
+            self.store.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotFound(f"collection {self.name!r} was dropped")
+
+    # --- operations ---------------------------------------------------------------------
+    def info(self) -> CollectionInfo:
+        return CollectionInfo(self.name, self._count, self.dim, self.model_fingerprint,
+                              self.index.m, self.index.ef_construction, self.created_at)
+
+    def count(self) -> int:
+        return self._count
+
+    def upsert(self, items: list[NewItem]) -> int:
+        if not items:
+            return 0
+        for item in items:
+            self.check_vector(item.vector)
+        with self.index.lock.write():
+            self._check_open()
+            before = len({i.id for i in items})
+            existing = len(self.store.get_by_ids([i.id for i in items]))
+            seq, labels = self.store.upsert(items)
+            # The store applies a batch in order; for an id repeated in one batch the last wins.
+            last = {item.id: (label, item.vector)
+                    for item, label in zip(items, labels, strict=True)}
+            self.index.add(np.array([lv[0] for lv in last.values()], dtype=np.int64),
+                           np.stack([lv[1] for lv in last.values()]))
+            self.index.seq = seq
+            self._count += before - existing
+        return len(items)
+
+    def delete(self, ids: list[str]) -> int:
+        with self.index.lock.write():
+            self._check_open()
+            seq, labels = self.store.delete(ids)
+            self.index.delete(labels)
+            self.index.seq = seq
+            self._count -= len(labels)
+        return len(labels)
+
+    def get(self, ids: list[str]) -> dict[str, Record]:
+        with self.index.lock.read():
+            self._check_open()
+            return self.store.get_by_ids(ids)
+
+    def search(self, vector: np.ndarray, k: int, ef: int) -> list[SearchHit]:
+        self.check_vector(vector)
+        with self.index.lock.read():
+            self._check_open()
+            k = min(k, self._count)
+            if k == 0:
+                return []
+            try:
+                labels, scores = self.index.search(vector, k, ef)
+            except RuntimeError:
+                # hnswlib found fewer than k live items (many deletions): scan exactly.
+                labels, scores = self._exact_search(vector, k)
+            records = self.store.get_by_labels(labels.tolist())
+        return [SearchHit(r.id, float(s), r.metadata, r.vector)
+                for label, s in zip(labels.tolist(), scores.tolist(), strict=True)
+                if (r := records.get(label)) is not None]
+
+    def _exact_search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        all_labels, all_scores = [], []
+        for labels, vectors in self.store.changes_after(-1):
+            all_labels.append(labels)
+            all_scores.append(vectors @ vector)
+        labels = np.concatenate(all_labels)
+        scores = np.concatenate(all_scores)
+        top = np.argsort(-scores, kind="stable")[:k]
+        return labels[top], scores[top]
+
+    def check_vector(self, vector: np.ndarray) -> None:
+        if vector.shape != (self.dim,):
+            raise InvalidArgument(
+                f"vector has dimension {vector.shape[-1] if vector.ndim else 0}, collection "
+                f"{self.name!r} holds dimension {self.dim}"
+            )
+
+    def check_model(self, fingerprint: str) -> None:
+        """Refuse embeddings from a model other than the one the collection was built with."""
+        if fingerprint != self.model_fingerprint:
+            raise FailedPrecondition(
+                f"collection {self.name!r} was built with model {self.model_fingerprint}, the "
+                f"server runs {fingerprint}: its embeddings live in another space. Serve the "
+                "original model, or write to a new collection"
+            )
+
+
+class Collections:
+    """All collections under `<data_dir>/collections`, opened at start."""
+
+    def __init__(self, data_dir: Path, dim: int, fingerprint: str, m: int, ef_construction: int
+                 ) -> None:
+        self.root = data_dir / "collections"
+        self.dim = dim
+        self.fingerprint = fingerprint
+        self.m = m
+        self.ef_construction = ef_construction
+        self._lock = threading.Lock()
+        self._open: dict[str, Collection] = {}
+
+    def open_all(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".dropped-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and (folder / STORE_FILE).exists():
+                self._open[folder.name] = Collection.open(folder)
+            elif folder.is_dir() and NAME_PATTERN.match(folder.name):
+                # a create that crashed before its store was written: nothing was acknowledged
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._open)
+
+    def get(self, name: str) -> Collection:
+        with self._lock:
+            collection = self._open.get(name)
+        if collection is None:
+            check_name(name)
+            raise NotFound(f"collection {name!r} does not exist")
+        return collection
+
+    def create(self, name: str, m: int = 0, ef_construction: int = 0, exist_ok: bool = False
+               ) -> Collection:
+        check_name(name)
+        with self._lock:
+            if name in self._open:
+                if exist_ok:
+                    return self._open[name]
+                raise AlreadyExists(f"collection {name!r} already exists")
+            collection = Collection.create(self.root / name, self.dim, self.fingerprint,
+                                           m or self.m, ef_construction or self.ef_construction)
+            self._open[name] = collection
+            log.info("created collection %s (dim %d, model %s)", name, self.dim, self.fingerprint)
+            return collection
+
+    def drop(self, name: str) -> bool:
+        check_name(name)
+        with self._lock:
+            collection = self._open.pop(name, None)
+            if collection is None:
+                return False
+            collection.close()
+            trash = self.root / f".dropped-{name}-{uuid.uuid4().hex}"
+            collection.folder.rename(trash)
+            fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("dropped collection %s", name)
+        return True
+
+    def snapshot_all(self, force: bool = False) -> None:
+        with self._lock:
+            collections = list(self._open.values())
+        for collection in collections:
+            try:
+                if collection.snapshot(force):
+                    log.debug("snapshot of %s saved", collection.name)
+            except Exception:
+                log.exception("snapshot of collection %s failed", collection.name)
+
+    def close_all(self) -> None:
+        with self._lock:
+            collections = list(self._open.values())
+            self._open.clear()
+        for collection in collections:
+            collection.close()

@@ -1,0 +1,161 @@
+"""Server settings: command-line flags, each with a CLIPSEARCH_* environment fallback.
+
+Precedence is flag > environment > default, so a container can be configured by environment
+and a person can still override one thing on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start; immutable afterwards."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    checkpoint: Path | None = None
+    random_weights: bool = False
+    model_config_dir: Path | None = None
+    cache_dir: Path | None = None
+    data_dir: Path = Path("data")
+    device: str = "auto"
+    precision: str = "fp32"
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_batch_size: int = 64
+    max_items_per_request: int = 4096
+    max_k: int = 1000
+    default_ef: int = 64
+    max_ef: int = 4096
+    max_image_pixels: int = 40_000_000
+    decode_threads: int = 4
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    snapshot_interval_s: float = 60.0
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def weights_source(self) -> str:
+        """The one place weights come from, for messages and server info."""
+        if self.checkpoint is not None:
+            return f"checkpoint {self.checkpoint}"
+        if self.random_weights:
+            return "random weights"
+        return f"pretrained tag {self.pretrained}"
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(f"CLIPSEARCH_{name.upper()}")
+    return value if value not in (None, "") else None
+
+
+def _env_bool(name: str) -> bool:
+    value = _env(name)
+    return value is not None and value.lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `clipsearch serve` flags; every default can also come from CLIPSEARCH_<FLAG>."""
+    d = Settings()
+    p = argparse.ArgumentParser(
+        prog="clipsearch serve",
+        description="Serve CLIP embeddings and HNSW search over gRPC. Every flag can also be "
+        "set as an environment variable CLIPSEARCH_<FLAG> (e.g. CLIPSEARCH_DATA_DIR).",
+    )
+
+    def opt(flag: str, typ: type, default: object, help_: str) -> None:
+        name = flag.lstrip("-").replace("-", "_")
+        env = _env(name)
+        p.add_argument(flag, type=typ, default=typ(env) if env is not None else default,
+                       help=f"{help_} (default: %(default)s; env CLIPSEARCH_{name.upper()})")
+
+    opt("--host", str, d.host, "address to listen on; 0.0.0.0 for all interfaces")
+    opt("--port", int, d.port, "port to listen on")
+    opt("--model", str, d.model, "open_clip architecture name, e.g. ViT-B-32, ViT-L-14")
+    weights = p.add_mutually_exclusive_group()
+    env_pretrained = _env("pretrained")
+    weights.add_argument("--pretrained", default=env_pretrained,
+                         help=f"open_clip pretrained tag, downloaded on first use (default: "
+                         f"{DEFAULT_PRETRAINED} for {DEFAULT_MODEL}, else the catalog's choice; "
+                         "env CLIPSEARCH_PRETRAINED)")
+    env_ckpt = _env("checkpoint")
+    weights.add_argument("--checkpoint", type=Path, default=Path(env_ckpt) if env_ckpt else None,
+                         help="local open_clip checkpoint file (.pt, .bin or .safetensors); "
+                         "works offline (env CLIPSEARCH_CHECKPOINT)")
+    weights.add_argument("--random-weights", action="store_true",
+                         default=_env_bool("random_weights"),
+                         help="random weights: for trying the API and benchmarking only, "
+                         "search results are meaningless (env CLIPSEARCH_RANDOM_WEIGHTS)")
+    env_cfg = _env("model_config_dir")
+    p.add_argument("--model-config-dir", type=Path, default=Path(env_cfg) if env_cfg else None,
+                   help="extra folder of open_clip model config JSON files "
+                   "(env CLIPSEARCH_MODEL_CONFIG_DIR)")
+    env_cache = _env("cache_dir")
+    p.add_argument("--cache-dir", type=Path, default=Path(env_cache) if env_cache else None,
+                   help="where downloaded weights are cached (env CLIPSEARCH_CACHE_DIR)")
+    opt("--data-dir", Path, d.data_dir, "folder holding the collections")
+    opt("--device", str, d.device, "auto (cuda when present, else cpu), cpu, cuda or cuda:N")
+    opt("--precision", str, d.precision, "fp32, fp16 or bf16 (fp16/bf16 are for GPUs)")
+    opt("--max-message-bytes", int, d.max_message_bytes, "largest request accepted, bytes")
+    opt("--max-batch-size", int, d.max_batch_size, "most inputs in one model call")
+    opt("--max-items-per-request", int, d.max_items_per_request,
+        "most texts, images or items in one request")
+    opt("--max-k", int, d.max_k, "largest k a search accepts")
+    opt("--default-ef", int, d.default_ef, "HNSW ef of a search that does not set one")
+    opt("--max-ef", int, d.max_ef, "largest ef a search may ask for")
+    opt("--max-image-pixels", int, d.max_image_pixels,
+        "images with more pixels are refused (decompression-bomb guard)")
+    opt("--decode-threads", int, d.decode_threads, "threads decoding images")
+    opt("--hnsw-m", int, d.hnsw_m, "HNSW links per node for new collections")
+    opt("--hnsw-ef-construction", int, d.hnsw_ef_construction,
+        "HNSW build-time candidate list for new collections")
+    opt("--snapshot-interval-s", float, d.snapshot_interval_s,
+        "seconds between background index snapshots of changed collections")
+    opt("--shutdown-grace-s", float, d.shutdown_grace_s,
+        "seconds in-flight calls get to finish on SIGTERM")
+    opt("--log-level", str, d.log_level, "DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Parse flags (and environment) into validated Settings; exits with usage on error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
+    if values.get("checkpoint") is not None or values.get("random_weights"):
+        values["pretrained"] = None
+    elif values.get("pretrained") is None:
+        values["pretrained"] = DEFAULT_PRETRAINED if args.model == DEFAULT_MODEL else ""
+    settings = Settings(**values)
+    problem = validate(settings)
+    if problem:
+        parser.error(problem)
+    return settings
+
+
+def validate(s: Settings) -> str | None:
+    """The first thing wrong with the settings, as a sentence, or None."""
+    if s.device != "auto" and s.device != "cpu" and not s.device.startswith("cuda"):
+        return f"--device must be auto, cpu, cuda or cuda:N, not {s.device!r}"
+    if s.precision not in ("fp32", "fp16", "bf16"):
+        return f"--precision must be fp32, fp16 or bf16, not {s.precision!r}"
+    if not 0 <= s.port <= 65535:
+        return f"--port must be 0..65535, not {s.port}"
+    for name in ("max_message_bytes", "max_batch_size", "max_items_per_request", "max_k",
+                 "default_ef", "max_ef",
+                 "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
+        if getattr(s, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    if s.checkpoint is not None and not s.checkpoint.is_file():
+        return f"--checkpoint {s.checkpoint} is not a file"
+    return None

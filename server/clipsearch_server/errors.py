@@ -1,0 +1,33 @@
+"""Domain errors. Each names the gRPC status it maps to, so the service layer stays a thin map."""
+
+from __future__ import annotations
+
+
+class ClipSearchError(Exception):
+    """Base of every error the service turns into a gRPC status."""
+
+    code_name = "INTERNAL"
+
+
+class InvalidArgument(ClipSearchError):
+    code_name = "INVALID_ARGUMENT"
+
+
+class NotFound(ClipSearchError):
+    code_name = "NOT_FOUND"
+
+
+class AlreadyExists(ClipSearchError):
+    code_name = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ClipSearchError):
+    code_name = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ClipSearchError):
+    code_name = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ClipSearchError):
+    code_name = "UNAVAILABLE"

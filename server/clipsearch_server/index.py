@@ -1,0 +1,249 @@
+"""The HNSW graph of one collection: derived from the store, snapshotted, rebuildable.
+
+hnswlib is fast but not thread-safe for writes and has no atomic persistence, so this wrapper
+adds both:
+
+* Locking: many searches run at once; an add, delete, resize or save runs alone (a
+  readers-writer lock, writers first so a stream of searches cannot starve them). `set_ef` is
+  index-wide state, so searches asking for different `ef` values take turns in phases: every
+  search in flight shares one `ef`, and a search wanting another waits for them to finish.
+* Snapshots: the graph is saved to `index-<seq>.hnsw`, fsynced, then a manifest naming that
+  file, its size, SHA-256, dimension, space and the store sequence it covers is written to a
+  temporary file, fsynced and renamed over `manifest.json`. A crash at any moment leaves the
+  previous manifest and its file intact. hnswlib checks none of this on load (a wrong
+  dimension loads silently), so `load` checks all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPACE = "ip"  # vectors are unit length: inner product is cosine similarity
+MANIFEST = "manifest.json"
+FORMAT = 1
+MIN_CAPACITY = 1024
+
+
+class SnapshotInvalid(Exception):
+    """A snapshot on disk cannot be trusted; the index must be rebuilt from the store."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: int
+    file: str
+    size: int
+    sha256: str
+    dim: int
+    space: str
+    m: int
+    ef_construction: int
+    capacity: int
+    seq: int
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class HnswIndex:
+    """One hnswlib graph plus its snapshot files in `folder`."""
+
+    def __init__(self, folder: Path, dim: int, m: int, ef_construction: int) -> None:
+        self.folder = folder
+        self.dim = dim
+        self.m = m
+        self.ef_construction = ef_construction
+        self.lock = ReadWriteLock()
+        self.seq = 0  # store sequence number the graph reflects
+        self._graph = self._empty(MIN_CAPACITY)
+        self._ef_cond = threading.Condition()
+        self._ef = self._graph.ef
+        self._searches = 0
+
+    def _empty(self, capacity: int) -> hnswlib.Index:
+        graph = hnswlib.Index(space=SPACE, dim=self.dim)
+        graph.init_index(max_elements=capacity, M=self.m, ef_construction=self.ef_construction,
+                         allow_replace_deleted=True)
+        return graph
+
+    # --- writes: callers hold lock.write() ------------------------------------------------
+    def reset(self) -> None:
+        self._graph = self._empty(MIN_CAPACITY)
+        self._ef = self._graph.ef
+        self.seq = 0
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert new labels and overwrite existing ones; grows capacity as needed."""
+        if len(labels) == 0:
+            return
+        needed = self._graph.get_current_count() + len(labels)
+        capacity = self._graph.get_max_elements()
+        if needed > capacity:
+            self._graph.resize_index(max(needed, capacity * 2))
+        self._graph.add_items(np.ascontiguousarray(vectors, dtype=np.float32),
+                              np.asarray(labels, dtype=np.int64), replace_deleted=True)
+
+    def delete(self, labels: list[int]) -> None:
+        for label in labels:
+            with contextlib.suppress(RuntimeError):  # not in the graph, or already deleted
+                self._graph.mark_deleted(label)
+
+    # --- reads: callers hold lock.read() --------------------------------------------------
+    def search(self, vector: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, similarities) best first; RuntimeError when fewer than k are reachable."""
+        with self._ef_phase(max(ef, k)):
+            labels, distances = self._graph.knn_query(vector.reshape(1, -1), k=k, num_threads=1)
+        return labels[0].astype(np.int64), 1.0 - distances[0]
+
+    @contextlib.contextmanager
+    def _ef_phase(self, ef: int) -> Iterator[None]:
+        with self._ef_cond:
+            self._ef_cond.wait_for(lambda: self._ef == ef or self._searches == 0)
+            if self._ef != ef:
+                self._graph.set_ef(ef)
+                self._ef = ef
+            self._searches += 1
+        try:
+            yield
+        finally:
+            with self._ef_cond:
+                self._searches -= 1
+                self._ef_cond.notify_all()
+
+    # --- persistence: callers hold lock.write() (save also works under lock.read()) --------
+    def save(self) -> Manifest:
+        """Write a snapshot covering `self.seq` atomically; returns its manifest."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"index-{self.seq}.hnsw"
+        tmp = self.folder / f"{name}.tmp"
+        self._graph.save_index(str(tmp))
+        size, digest = _fsync_and_hash(tmp)
+        os.replace(tmp, self.folder / name)
+        manifest = Manifest(
+            format=FORMAT, file=name, size=size, sha256=digest, dim=self.dim, space=SPACE,
+            m=self.m, ef_construction=self.ef_construction,
+            capacity=self._graph.get_max_elements(), seq=self.seq,
+        )
+        _write_atomically(self.folder / MANIFEST, json.dumps(asdict(manifest), indent=1).encode())
+        for old in self.folder.glob("index-*.hnsw*"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return manifest
+
+    def load(self) -> Manifest:
+        """Load the snapshot the manifest names, checking everything; raises SnapshotInvalid."""
+        path = self.folder / MANIFEST
+        try:
+            manifest = Manifest(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise SnapshotInvalid("no snapshot yet") from None
+        except (ValueError, TypeError) as exc:
+            raise SnapshotInvalid(f"unreadable manifest: {exc}") from None
+        expected = (FORMAT, self.dim, SPACE)
+        if (manifest.format, manifest.dim, manifest.space) != expected:
+            raise SnapshotInvalid(
+                f"snapshot is format/dim/space {manifest.format}/{manifest.dim}/"
+                f"{manifest.space}, expected {expected[0]}/{expected[1]}/{expected[2]}"
+            )
+        file = self.folder / manifest.file
+        try:
+            size, digest = _hash(file)
+        except FileNotFoundError:
+            raise SnapshotInvalid(f"snapshot file {manifest.file} is missing") from None
+        if (size, digest) != (manifest.size, manifest.sha256):
+            raise SnapshotInvalid(f"snapshot file {manifest.file} is torn or altered")
+        graph = hnswlib.Index(space=SPACE, dim=self.dim)
+        try:
+            graph.load_index(str(file), max_elements=manifest.capacity,
+                             allow_replace_deleted=True)
+        except RuntimeError as exc:
+            raise SnapshotInvalid(f"hnswlib refused {manifest.file}: {exc}") from None
+        self._graph = graph
+        self._ef = graph.ef
+        self.m, self.ef_construction, self.seq = manifest.m, manifest.ef_construction, manifest.seq
+        return manifest
+
+
+def _hash(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _fsync_and_hash(path: Path) -> tuple[int, str]:
+    result = _hash(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return result
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

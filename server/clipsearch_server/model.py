@@ -1,0 +1,211 @@
+"""open_clip loading and the two towers' forward passes.
+
+open_clip's factory is the reference: the model and its preprocessing transform come from
+`create_model_and_transforms`, so an embedding here equals open_clip's own `encode_image` /
+`encode_text` output, normalised. Weights come from exactly one of: a pretrained tag
+(downloaded by open_clip), a local checkpoint file, or a seeded random init for trying the API.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from .catalog import bundled_config_dir
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+RANDOM_SEED = 0
+_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message says what to do about it."""
+
+
+@dataclass
+class ClipModel:
+    """A loaded CLIP model: both towers on one device, with their preprocessing."""
+
+    name: str
+    pretrained: str | None
+    checkpoint: Path | None
+    random_weights: bool
+    device: torch.device
+    precision: str
+    dim: int
+    image_size: int
+    fingerprint: str
+    module: torch.nn.Module
+    transform: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    load_seconds: float = 0.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _PRECISIONS[self.precision]
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Unit-length float32 text embeddings, one row per text."""
+        tokens = self.tokenizer(texts).to(self.device)
+        return self._finish(self.module.encode_text(tokens))
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """Unit-length float32 image embeddings for a batch of preprocessed images."""
+        pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        return self._finish(self.module.encode_image(pixels))
+
+    @staticmethod
+    def _finish(features: torch.Tensor) -> np.ndarray:
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` is cuda when torch sees a GPU, else cpu."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"--device {requested} was asked for but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}); use --device cpu or --device auto"
+        )
+    return device
+
+
+def register_model_configs(extra_dir: Path | None) -> None:
+    """Make our bundled configs, and a user's folder of them, known to open_clip by name."""
+    open_clip.add_model_config(bundled_config_dir())
+    if extra_dir is not None:
+        if not extra_dir.is_dir():
+            raise ModelLoadError(f"--model-config-dir {extra_dir} is not a folder")
+        open_clip.add_model_config(extra_dir)
+
+
+def fingerprint_of(settings: Settings) -> str:
+    """Names the embedding space: same model and weights give the same fingerprint."""
+    if settings.checkpoint is not None:
+        digest = hashlib.sha256()
+        with open(settings.checkpoint, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"{settings.model}/sha256:{digest.hexdigest()[:16]}"
+    if settings.random_weights:
+        return f"{settings.model}/random-seed-{RANDOM_SEED}"
+    return f"{settings.model}/{settings.pretrained}"
+
+
+def _check_model_name(name: str) -> None:
+    if open_clip.get_model_config(name) is not None:
+        return
+    close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ModelLoadError(
+        f"unknown model architecture {name!r}.{hint} `python -c 'import open_clip; "
+        f"print(open_clip.list_models())'` lists them all; --model-config-dir adds your own."
+    )
+
+
+def _check_pretrained_tag(name: str, tag: str) -> None:
+    if not tag:
+        raise ModelLoadError(
+            f"no weights chosen for {name}: the catalog has no default tag for it. Give "
+            f"--pretrained TAG (known: {', '.join(open_clip.list_pretrained_tags_by_model(name))}"
+            "), --checkpoint PATH, or --random-weights."
+        )
+    if not open_clip.get_pretrained_cfg(name, tag):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ModelLoadError(
+            f"{name} has no pretrained tag {tag!r}; its tags are: {', '.join(tags) or 'none'}"
+        )
+
+
+def load_model(settings: Settings) -> ClipModel:
+    """Build the model the settings describe, or raise ModelLoadError saying what to do."""
+    started = time.perf_counter()
+    register_model_configs(settings.model_config_dir)
+    _check_model_name(settings.model)
+    device = resolve_device(settings.device)
+    if settings.precision == "fp16" and device.type == "cpu":
+        raise ModelLoadError("--precision fp16 needs a GPU; use fp32 (or bf16) on the CPU")
+    if settings.checkpoint is not None:
+        weights: str | None = str(settings.checkpoint)
+    elif settings.random_weights:
+        weights = None
+        torch.manual_seed(RANDOM_SEED)
+    else:
+        _check_pretrained_tag(settings.model, settings.pretrained or "")
+        weights = settings.pretrained
+    try:
+        module, _, transform = open_clip.create_model_and_transforms(
+            settings.model,
+            pretrained=weights,
+            device=device,
+            precision=settings.precision,
+            cache_dir=str(settings.cache_dir) if settings.cache_dir else None,
+        )
+    except Exception as exc:
+        raise ModelLoadError(_explain_failure(settings, exc)) from exc
+    module.eval()
+    tokenizer = open_clip.get_tokenizer(settings.model)
+    embed_dim = _embed_dim(module, settings.model)
+    size = module.visual.image_size
+    image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    model = ClipModel(
+        name=settings.model,
+        pretrained=settings.pretrained if weights and settings.checkpoint is None else None,
+        checkpoint=settings.checkpoint,
+        random_weights=settings.random_weights,
+        device=device,
+        precision=settings.precision,
+        dim=embed_dim,
+        image_size=image_size,
+        fingerprint=fingerprint_of(settings),
+        module=module,
+        transform=transform,
+        tokenizer=tokenizer,
+    )
+    model.load_seconds = time.perf_counter() - started
+    return model
+
+
+def _embed_dim(module: torch.nn.Module, name: str) -> int:
+    cfg = open_clip.get_model_config(name) or {}
+    if "embed_dim" in cfg:
+        return int(cfg["embed_dim"])
+    with torch.inference_mode():
+        return int(module.encode_text(open_clip.get_tokenizer(name)(["x"])).shape[-1])
+
+
+def _explain_failure(settings: Settings, exc: Exception) -> str:
+    offline = (
+        "Offline choices: --checkpoint PATH (a local open_clip checkpoint file, e.g. the "
+        "open_clip_pytorch_model.bin of the model's Hugging Face page), or --random-weights "
+        "to try the API and benchmark (search results are then meaningless)."
+    )
+    if settings.checkpoint is not None:
+        return (
+            f"could not load checkpoint {settings.checkpoint} into {settings.model}: {exc}. "
+            "Is --model the architecture the checkpoint was trained as?"
+        )
+    if not settings.random_weights:
+        return (
+            f"could not download the pretrained weights {settings.pretrained!r} for "
+            f"{settings.model}: {exc}. This machine may have no internet access, or the "
+            f"download cache is unwritable (--cache-dir). {offline}"
+        )
+    return f"could not build {settings.model}: {exc}"

@@ -1,0 +1,105 @@
+"""Encoded image bytes -> model input tensor.
+
+Decoding is where hostile input arrives, so it is strict: only the formats we name, a pixel
+budget checked from the header before any pixel is decoded, and every failure reported as an
+InvalidArgument for that one image. Orientation and colour handling make a phone photo, a
+transparent logo and a 16-bit scan all look to the model as a person would see them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InvalidArgument
+
+# MPO is how many phone cameras store JPEGs; Pillow versions differ on whether it is a format
+# of its own or part of JPEG, so keep the ones this Pillow knows.
+Image.init()
+ACCEPTED_FORMATS = tuple(
+    f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode one image to an upright 8-bit RGB picture, or raise InvalidArgument."""
+    if not data:
+        raise InvalidArgument("image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own, lower, pixel budget below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise InvalidArgument(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidArgument(
+            "not a decodable image; accepted formats are JPEG, PNG, WebP, GIF, BMP and TIFF"
+        ) from None
+    except Exception as exc:  # Pillow raises many types on hostile headers
+        raise InvalidArgument(f"corrupt image header: {exc}") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InvalidArgument(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InvalidArgument(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} (decompression-bomb guard)"
+        )
+    try:
+        img.seek(0)  # animated images: the first frame
+        img.load()
+    except Exception as exc:
+        raise InvalidArgument(f"truncated or corrupt {img.format} image: {exc}") from None
+    # A broken EXIF block leaves the picture as stored, which is still usable.
+    with contextlib.suppress(Exception):
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent areas become white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img), mode), mode="L").convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise InvalidArgument(f"unsupported colour mode {mode}: {exc}") from None
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale high-bit-depth greyscale to 0..255 instead of clipping it to white."""
+    if mode == "F":
+        arr = arr.astype(np.float64)
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+    wide = arr.astype(np.int64)
+    if mode != "I" or (wide.size and wide.max() > 255):
+        wide = wide >> 8
+    return np.clip(wide, 0, 255).astype(np.uint8)
+
+
+class ImagePreprocessor:
+    """Bytes -> normalised CHW float tensor, with the model's own open_clip transform."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], max_pixels: int) -> None:
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.transform(decode_image(data, self.max_pixels))

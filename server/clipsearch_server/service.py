@@ -1,0 +1,355 @@
+"""The gRPC servicer: validates requests, maps proto <-> domain, maps errors to status codes.
+
+No business logic lives here; collections, the embedder and the model do the work. Blocking
+work (SQLite, hnswlib) runs in threads so the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from clipsearch.v1 import clipsearch_pb2 as pb
+from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+from google.protobuf import json_format, struct_pb2
+
+from . import __version__
+from .collection import Collection, CollectionInfo, Collections
+from .config import Settings
+from .embedder import Embedded, Embedder
+from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
+from .model import ClipModel
+from .store import NewItem
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 512
+MAX_METADATA_BYTES = 64 * 1024
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def grpc_errors(method: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+    """Turn domain errors into their status codes and anything unexpected into INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: ClipSearchServicer, request: Any, context: grpc.aio.ServicerContext
+                      ) -> Resp:
+        try:
+            return await method(self, request, context)
+        except ClipSearchError as exc:
+            await context.abort(grpc.StatusCode[exc.code_name], str(exc))
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
+    """Implements clipsearch.v1.ClipSearchService."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._model: ClipModel | None = None
+        self._embedder: Embedder | None = None
+        self._collections: Collections | None = None
+
+    def ready(self, model: ClipModel, embedder: Embedder, collections: Collections) -> None:
+        """Start answering: until now every call gets UNAVAILABLE."""
+        self._model, self._embedder, self._collections = model, embedder, collections
+
+    @property
+    def model(self) -> ClipModel:
+        if self._model is None:
+            raise Unavailable("the server is still loading its model")
+        return self._model
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            raise Unavailable("the server is still loading its model")
+        return self._embedder
+
+    @property
+    def collections(self) -> Collections:
+        if self._collections is None:
+            raise Unavailable("the server is still opening its collections")
+        return self._collections
+
+    # --- embedding ------------------------------------------------------------------------
+    @grpc_errors
+    async def EmbedTexts(self, request: pb.EmbedTextsRequest, context: Any
+                         ) -> pb.EmbedTextsResponse:
+        self._check_count(len(request.texts), "texts")
+        embedded = await self.embedder.embed_texts(list(request.texts))
+        return pb.EmbedTextsResponse(vectors=_matrix(embedded.vectors),
+                                     errors=_item_errors(embedded))
+
+    @grpc_errors
+    async def EmbedImages(self, request: pb.EmbedImagesRequest, context: Any
+                          ) -> pb.EmbedImagesResponse:
+        self._check_count(len(request.images), "images")
+        embedded = await self.embedder.embed_images(list(request.images))
+        return pb.EmbedImagesResponse(vectors=_matrix(embedded.vectors),
+                                      errors=_item_errors(embedded))
+
+    # --- collections ----------------------------------------------------------------------
+    @grpc_errors
+    async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Any
+                               ) -> pb.CreateCollectionResponse:
+        m, efc = request.hnsw.m, request.hnsw.ef_construction
+        if m and not 2 <= m <= 128:
+            raise InvalidArgument(f"hnsw.m must be 2..128, not {m}")
+        if efc and not 1 <= efc <= 4096:
+            raise InvalidArgument(f"hnsw.ef_construction must be 1..4096, not {efc}")
+        collection = await asyncio.to_thread(self.collections.create, request.name, m, efc)
+        return pb.CreateCollectionResponse(collection=_collection_info(collection.info()))
+
+    @grpc_errors
+    async def ListCollections(self, request: pb.ListCollectionsRequest, context: Any
+                              ) -> pb.ListCollectionsResponse:
+        infos = []
+        for name in self.collections.names():
+            try:
+                infos.append(_collection_info(self.collections.get(name).info()))
+            except NotFound:
+                continue  # dropped meanwhile
+        return pb.ListCollectionsResponse(collections=infos)
+
+    @grpc_errors
+    async def GetCollection(self, request: pb.GetCollectionRequest, context: Any
+                            ) -> pb.GetCollectionResponse:
+        info = self.collections.get(request.name).info()
+        return pb.GetCollectionResponse(collection=_collection_info(info))
+
+    @grpc_errors
+    async def DropCollection(self, request: pb.DropCollectionRequest, context: Any
+                             ) -> pb.DropCollectionResponse:
+        dropped = await asyncio.to_thread(self.collections.drop, request.name)
+        return pb.DropCollectionResponse(dropped=dropped)
+
+    # --- items ----------------------------------------------------------------------------
+    @grpc_errors
+    async def UpsertItems(self, request: pb.UpsertItemsRequest, context: Any
+                          ) -> pb.UpsertItemsResponse:
+        self._check_count(len(request.items), "items")
+        collection = await asyncio.to_thread(
+            self.collections.create, request.collection, 0, 0, True)
+        errors: dict[int, ClipSearchError] = {}
+        vectors: dict[int, np.ndarray] = {}
+        metadata: dict[int, dict] = {}
+        images: list[tuple[int, bytes]] = []
+        texts: list[tuple[int, str]] = []
+        for i, item in enumerate(request.items):
+            try:
+                _check_id(item.id)
+                metadata[i] = _metadata_dict(item.metadata)
+                kind = item.WhichOneof("content")
+                if kind == "image":
+                    images.append((i, item.image))
+                elif kind == "text":
+                    texts.append((i, item.text))
+                elif kind == "vector":
+                    vectors[i] = _unit_vector(item.vector, collection.dim)
+                else:
+                    raise InvalidArgument("item has no content: set image, text or vector")
+            except ClipSearchError as exc:
+                errors[i] = exc
+        if images or texts:
+            collection.check_model(self.model.fingerprint)
+        for positions, embedded in (
+            ([i for i, _ in images], await self._embed_images([b for _, b in images])),
+            ([i for i, _ in texts], await self._embed_texts([t for _, t in texts])),
+        ):
+            for row, i in enumerate(positions):
+                if row in embedded.errors:
+                    errors[i] = embedded.errors[row]
+                else:
+                    vectors[i] = embedded.vectors[row]
+        new_items = [NewItem(request.items[i].id, vectors[i], metadata[i])
+                     for i in sorted(vectors) if i not in errors]
+        written = await asyncio.to_thread(collection.upsert, new_items)
+        return pb.UpsertItemsResponse(
+            upserted=written,
+            errors=[pb.ItemError(index=i, code=grpc.StatusCode[e.code_name].value[0],
+                                 message=str(e)) for i, e in sorted(errors.items())],
+        )
+
+    @grpc_errors
+    async def GetItems(self, request: pb.GetItemsRequest, context: Any) -> pb.GetItemsResponse:
+        self._check_count(len(request.ids), "ids")
+        collection = self.collections.get(request.collection)
+        found = await asyncio.to_thread(collection.get, list(request.ids))
+        items, missing = [], []
+        for id_ in request.ids:
+            record = found.get(id_)
+            if record is None:
+                missing.append(id_)
+                continue
+            items.append(pb.StoredItem(
+                id=record.id, metadata=_struct(record.metadata),
+                vector=_vector(record.vector) if request.include_vectors else None))
+        return pb.GetItemsResponse(items=items, missing_ids=missing)
+
+    @grpc_errors
+    async def DeleteItems(self, request: pb.DeleteItemsRequest, context: Any
+                          ) -> pb.DeleteItemsResponse:
+        self._check_count(len(request.ids), "ids")
+        collection = self.collections.get(request.collection)
+        deleted = await asyncio.to_thread(collection.delete, list(request.ids))
+        return pb.DeleteItemsResponse(deleted=deleted)
+
+    @grpc_errors
+    async def CountItems(self, request: pb.CountItemsRequest, context: Any
+                         ) -> pb.CountItemsResponse:
+        return pb.CountItemsResponse(count=self.collections.get(request.collection).count())
+
+    # --- search ---------------------------------------------------------------------------
+    @grpc_errors
+    async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
+        s = self.settings
+        if not 1 <= request.k <= s.max_k:
+            raise InvalidArgument(f"k must be 1..{s.max_k}, not {request.k}")
+        if request.ef > s.max_ef:
+            raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}")
+        collection = self.collections.get(request.collection)
+        query = await self._query_vector(request, collection)
+        hits = await asyncio.to_thread(
+            collection.search, query, request.k, request.ef or s.default_ef)
+        return pb.SearchResponse(hits=[
+            pb.Hit(id=h.id, score=h.score, metadata=_struct(h.metadata),
+                   vector=_vector(h.vector) if request.include_vectors else None)
+            for h in hits
+        ])
+
+    async def _query_vector(self, request: pb.SearchRequest, collection: Collection
+                            ) -> np.ndarray:
+        kind = request.WhichOneof("query")
+        if kind == "vector":
+            return _unit_vector(request.vector, collection.dim)
+        if kind == "id":
+            found = await asyncio.to_thread(collection.get, [request.id])
+            if request.id not in found:
+                raise NotFound(f"no item {request.id!r} in collection {collection.name!r}")
+            return found[request.id].vector
+        if kind in ("text", "image"):
+            collection.check_model(self.model.fingerprint)
+            embedded = (await self._embed_texts([request.text]) if kind == "text"
+                        else await self._embed_images([request.image]))
+            if 0 in embedded.errors:
+                raise embedded.errors[0]
+            return embedded.vectors[0]
+        raise InvalidArgument("search needs a query: set text, image, vector or id")
+
+    # --- server ---------------------------------------------------------------------------
+    @grpc_errors
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Any
+                            ) -> pb.GetServerInfoResponse:
+        m = self.model
+        return pb.GetServerInfoResponse(
+            model=m.name, pretrained=m.pretrained or "",
+            checkpoint=str(m.checkpoint) if m.checkpoint else "",
+            random_weights=m.random_weights, dim=m.dim, device=str(m.device),
+            precision=m.precision, model_fingerprint=m.fingerprint, version=__version__,
+            max_message_bytes=self.settings.max_message_bytes, max_k=self.settings.max_k,
+            image_size=m.image_size,
+        )
+
+    # --- helpers --------------------------------------------------------------------------
+    async def _embed_images(self, images: list[bytes]) -> Embedded:
+        if not images:
+            return Embedded(np.zeros((0, self.model.dim), np.float32), {})
+        return await self.embedder.embed_images(images)
+
+    async def _embed_texts(self, texts: list[str]) -> Embedded:
+        if not texts:
+            return Embedded(np.zeros((0, self.model.dim), np.float32), {})
+        return await self.embedder.embed_texts(texts)
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n == 0:
+            raise InvalidArgument(f"{what} is empty")
+        if n > self.settings.max_items_per_request:
+            raise InvalidArgument(
+                f"{n} {what} in one request, over the limit of "
+                f"{self.settings.max_items_per_request}; send them in batches")
+
+
+def _check_id(id_: str) -> None:
+    if not id_:
+        raise InvalidArgument("item id is empty")
+    if len(id_) > MAX_ID_CHARS:
+        raise InvalidArgument(f"item id is {len(id_)} characters, over the limit of {MAX_ID_CHARS}")
+    if "\x00" in id_:
+        raise InvalidArgument("item id contains a NUL character")
+
+
+def _unit_vector(vector: pb.Vector, dim: int) -> np.ndarray:
+    """Decode a wire vector, check it, and scale it to unit length (the index is cosine)."""
+    if vector.dim != dim:
+        raise InvalidArgument(f"vector dim is {vector.dim}, the collection's is {dim}")
+    if len(vector.data) != 4 * dim:
+        raise InvalidArgument(
+            f"vector data is {len(vector.data)} bytes; dim {dim} needs {4 * dim} "
+            "(little-endian float32)")
+    values = np.frombuffer(vector.data, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise InvalidArgument("vector has NaN or infinite values")
+    norm = float(np.linalg.norm(values))
+    if norm == 0.0 or not math.isfinite(norm):
+        raise InvalidArgument("vector has zero length")
+    return values / norm
+
+
+def _metadata_dict(metadata: struct_pb2.Struct) -> dict:
+    value = json_format.MessageToDict(metadata)
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
+    except ValueError:
+        raise InvalidArgument("metadata has a NaN or infinite number") from None
+    if size > MAX_METADATA_BYTES:
+        raise InvalidArgument(
+            f"metadata is {size} bytes as JSON, over the limit of {MAX_METADATA_BYTES}")
+    return value
+
+
+def _struct(value: dict) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def _vector(values: np.ndarray) -> pb.Vector:
+    return pb.Vector(data=np.ascontiguousarray(values, dtype="<f4").tobytes(), dim=len(values))
+
+
+def _matrix(values: np.ndarray) -> pb.Matrix:
+    rows, dim = values.shape
+    return pb.Matrix(data=np.ascontiguousarray(values, dtype="<f4").tobytes(), rows=rows, dim=dim)
+
+
+def _item_errors(embedded: Embedded) -> list[pb.ItemError]:
+    return [pb.ItemError(index=i, code=grpc.StatusCode[e.code_name].value[0], message=str(e))
+            for i, e in sorted(embedded.errors.items())]
+
+
+def _collection_info(info: CollectionInfo) -> pb.CollectionInfo:
+    return pb.CollectionInfo(
+        name=info.name, count=info.count, dim=info.dim, model_fingerprint=info.model_fingerprint,
+        hnsw=pb.HnswConfig(m=info.m, ef_construction=info.ef_construction),
+        created_at=info.created_at,
+    )

@@ -1,0 +1,217 @@
+"""One collection's durable records in SQLite: the source of truth.
+
+WAL mode with synchronous=FULL: a write is acknowledged only after its transaction is on disk,
+so a crash (or kill) of the server loses nothing that a client was told was written. Every
+write batch takes the next sequence number; each item row and each deletion records the
+sequence that wrote it, so the HNSW index (derived data) can tell what it is missing.
+
+Labels are the integers hnswlib knows items by. They come from a counter that never goes
+back, so a label marked deleted in a graph is never handed to a different item.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    label INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    vector BLOB NOT NULL,
+    metadata TEXT NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_by_seq ON items (seq);
+CREATE TABLE IF NOT EXISTS deletions (label INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+"""
+
+
+@dataclass
+class Record:
+    """A stored item."""
+
+    id: str
+    label: int
+    vector: np.ndarray
+    metadata: dict
+
+
+@dataclass
+class NewItem:
+    """An item to write: its vector is unit length float32."""
+
+    id: str
+    vector: np.ndarray
+    metadata: dict
+
+
+class Store:
+    """Durable items of one collection. Thread-safe; one connection, serialised by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- metadata of the collection itself -------------------------------------------------
+    def read_meta(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+
+    def write_meta(self, values: dict[str, str]) -> None:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                list(values.items()),
+            )
+
+    def _meta_int(self, key: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_meta_int(self, key: str, value: int) -> None:
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, str(value)),
+        )
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last committed write."""
+        with self._lock:
+            return self._meta_int("seq")
+
+    # --- writes -----------------------------------------------------------------------------
+    def upsert(self, items: list[NewItem]) -> tuple[int, list[int]]:
+        """Commit items; returns (sequence number, label of each item in order)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            seq = self._meta_int("seq") + 1
+            next_label = self._meta_int("next_label")
+            labels: list[int] = []
+            for item in items:
+                row = self._db.execute(
+                    "SELECT label FROM items WHERE id = ?", (item.id,)).fetchone()
+                if row is None:
+                    label = next_label
+                    next_label += 1
+                else:
+                    label = row[0]
+                self._db.execute(
+                    "INSERT INTO items(label, id, vector, metadata, seq) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(label) DO UPDATE SET vector = excluded.vector, "
+                    "metadata = excluded.metadata, seq = excluded.seq",
+                    (label, item.id, _vector_bytes(item.vector), _dump(item.metadata), seq),
+                )
+                labels.append(label)
+            self._set_meta_int("seq", seq)
+            self._set_meta_int("next_label", next_label)
+            return seq, labels
+
+    def delete(self, ids: list[str]) -> tuple[int, list[int]]:
+        """Delete ids that exist; returns (sequence number, labels removed)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            labels = [
+                row[0]
+                for id_ in dict.fromkeys(ids)
+                if (row := self._db.execute("SELECT label FROM items WHERE id = ?", (id_,))
+                    .fetchone()) is not None
+            ]
+            seq = self._meta_int("seq")
+            if not labels:
+                return seq, []
+            seq += 1
+            self._db.executemany("DELETE FROM items WHERE label = ?", [(lb,) for lb in labels])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO deletions(label, seq) VALUES (?, ?)",
+                [(lb, seq) for lb in labels],
+            )
+            self._set_meta_int("seq", seq)
+            return seq, labels
+
+    def forget_deletions_through(self, seq: int) -> None:
+        """Deletions up to `seq` are inside a durable index snapshot; the log can drop them."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM deletions WHERE seq <= ?", (seq,))
+
+    # --- reads ------------------------------------------------------------------------------
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def get_by_ids(self, ids: list[str]) -> dict[str, Record]:
+        with self._lock:
+            found: dict[str, Record] = {}
+            for id_ in ids:
+                row = self._db.execute(
+                    "SELECT id, label, vector, metadata FROM items WHERE id = ?", (id_,)
+                ).fetchone()
+                if row is not None:
+                    found[id_] = _record(row)
+            return found
+
+    def get_by_labels(self, labels: list[int]) -> dict[int, Record]:
+        with self._lock:
+            found: dict[int, Record] = {}
+            for label in labels:
+                row = self._db.execute(
+                    "SELECT id, label, vector, metadata FROM items WHERE label = ?", (label,)
+                ).fetchone()
+                if row is not None:
+                    found[label] = _record(row)
+            return found
+
+    def changes_after(self, seq: int, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(labels, vectors) of items written after `seq`, in chunks."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT label, vector FROM items WHERE seq > ? AND label > ? "
+                    "ORDER BY label LIMIT ?",
+                    (seq, last, chunk),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield labels, np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows])
+
+    def deletions_after(self, seq: int) -> list[int]:
+        with self._lock:
+            rows = self._db.execute("SELECT label FROM deletions WHERE seq > ?", (seq,))
+            return [r[0] for r in rows.fetchall()]
+
+
+def _vector_bytes(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def _dump(metadata: dict) -> str:
+    return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _record(row: tuple) -> Record:
+    id_, label, blob, metadata = row
+    return Record(id=id_, label=label, vector=np.frombuffer(blob, dtype="<f4"),
+                  metadata=json.loads(metadata))
