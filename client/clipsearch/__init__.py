@@ -1,0 +1,36 @@
+"""clipsearch: a thin client for the clipsearch gRPC service (CLIP embeddings + HNSW search).
+
+The client needs neither torch nor Pillow; the server is the ``clipsearch[server]`` extra.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from clipsearch.client import (
+    BatchError,
+    Client,
+    ClipSearchError,
+    CollectionInfo,
+    Hit,
+    ImageInput,
+    ItemFailure,
+    Record,
+    ServerInfo,
+)
+
+try:
+    __version__ = version("clipsearch")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BatchError",
+    "Client",
+    "ClipSearchError",
+    "CollectionInfo",
+    "Hit",
+    "ImageInput",
+    "ItemFailure",
+    "Record",
+    "ServerInfo",
+    "__version__",
+]

@@ -1,0 +1,7 @@
+"""Lets ``python -m clipsearch`` run the command line."""
+
+import sys
+
+from clipsearch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,759 @@
+"""The clipsearch client: numpy in, numpy out, over gRPC.
+
+The client is deliberately thin. It validates arguments before any call, splits large inputs
+into requests that stay well under the message limit, and turns the wire format
+(little-endian float32 bytes, ``google.protobuf.Struct``) into numpy arrays and dicts.
+It imports neither torch nor Pillow: a PIL image is encoded through its own ``save`` method.
+
+Metadata travels as a ``google.protobuf.Struct``, which is JSON: every number comes back as a
+``float`` (``{"n": 1}`` is read back as ``{"n": 1.0}``) and integers beyond 2**53 lose
+precision. Keys must be strings; values must be JSON-like (str, int, float, bool, None, lists,
+dicts).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+from tqdm import tqdm
+
+from clipsearch.v1 import clipsearch_pb2 as pb
+from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # Pillow is optional: only type checkers look at it.
+    from PIL.Image import Image as PILImage
+
+__all__ = [
+    "BatchError",
+    "Client",
+    "ClipSearchError",
+    "CollectionInfo",
+    "Hit",
+    "ImageInput",
+    "ItemFailure",
+    "Record",
+    "ServerInfo",
+]
+
+# A path, encoded image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF), or a PIL image.
+ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview | PILImage"
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Ids per GetItems/DeleteItems request: ids are small, but a GetItems response carries
+# vectors and metadata, so the count is bounded too.
+_ID_CHUNK = 1024
+# Room left in a request for everything that is not an item's payload.
+_REQUEST_OVERHEAD = 4096
+
+_T = TypeVar("_T")
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ClipSearchError(Exception):
+    """A call failed; ``code`` is the gRPC status code and ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """One item of a batch that failed; ``index`` is its position in the caller's list."""
+
+    index: int
+    code: grpc.StatusCode
+    message: str
+
+
+class BatchError(ClipSearchError):
+    """Some items of a batch call failed while the others succeeded.
+
+    ``errors`` lists the failed items (indexes into the caller's list). For embed calls,
+    ``vectors`` holds the whole result with NaN rows for the failed items, so a caller can
+    catch this and keep the good rows. For upsert, the good items were written and
+    ``upserted`` says how many.
+    """
+
+    def __init__(
+        self,
+        errors: list[ItemFailure],
+        total: int,
+        *,
+        vectors: np.ndarray | None = None,
+        upserted: int | None = None,
+    ) -> None:
+        codes = {e.code for e in errors}
+        code = codes.pop() if len(codes) == 1 else grpc.StatusCode.UNKNOWN
+        first = errors[0]
+        details = (
+            f"{len(errors)} of {total} items failed; first: item {first.index}: "
+            f"{first.code.name}: {first.message}"
+        )
+        super().__init__(code, details)
+        self.errors = errors
+        self.vectors = vectors
+        self.upserted = upserted
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    return _CODES_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """A collection as the server describes it; ``created_at`` is seconds since the epoch."""
+
+    name: str
+    count: int
+    dim: int
+    model_fingerprint: str
+    m: int
+    ef_construction: int
+    created_at: float
+
+    @classmethod
+    def _from_proto(cls, msg: pb.CollectionInfo) -> CollectionInfo:
+        return cls(
+            name=msg.name,
+            count=msg.count,
+            dim=msg.dim,
+            model_fingerprint=msg.model_fingerprint,
+            m=msg.hnsw.m,
+            ef_construction=msg.hnsw.ef_construction,
+            created_at=msg.created_at,
+        )
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The loaded model and the server's limits (mirrors GetServerInfoResponse)."""
+
+    model: str
+    pretrained: str
+    checkpoint: str
+    random_weights: bool
+    dim: int
+    device: str
+    precision: str
+    model_fingerprint: str
+    version: str
+    max_message_bytes: int
+    max_k: int
+    image_size: int
+
+
+@dataclass
+class Record:
+    """A stored item; ``vector`` is None unless vectors were asked for."""
+
+    id: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class Hit:
+    """One search result; ``score`` is the cosine similarity, higher is nearer."""
+
+    id: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    vector: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Wire format helpers (pure; tested without a server)
+
+
+def encode_vector(vector: Any) -> pb.Vector:
+    """One vector as little-endian float32 bytes; accepts a 1-D or a one-row 2-D array-like."""
+    arr = np.asarray(vector, dtype=np.float32)
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"a vector must be 1-D and not empty, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("a vector must not contain NaN or infinity")
+    return pb.Vector(data=arr.astype("<f4").tobytes(), dim=arr.shape[0])
+
+
+def decode_vector(msg: pb.Vector) -> np.ndarray:
+    """A wire vector as a writable native float32 array; checks the byte length."""
+    if len(msg.data) != 4 * msg.dim:
+        raise _malformed(f"vector of dim {msg.dim} has {len(msg.data)} bytes")
+    return np.frombuffer(msg.data, dtype="<f4").astype(np.float32)
+
+
+def encode_matrix(matrix: Any) -> pb.Matrix:
+    """An (n, dim) array-like as a wire matrix."""
+    arr = np.asarray(matrix, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"a matrix must be 2-D, got shape {arr.shape}")
+    return pb.Matrix(data=arr.astype("<f4").tobytes(), rows=arr.shape[0], dim=arr.shape[1])
+
+
+def decode_matrix(msg: pb.Matrix) -> np.ndarray:
+    """A wire matrix as a writable native float32 array of shape (rows, dim)."""
+    if len(msg.data) != 4 * msg.rows * msg.dim:
+        raise _malformed(f"matrix {msg.rows}x{msg.dim} has {len(msg.data)} bytes")
+    arr = np.frombuffer(msg.data, dtype="<f4").astype(np.float32)
+    return arr.reshape(msg.rows, msg.dim)
+
+
+def metadata_to_struct(metadata: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    """A JSON-like mapping as a Struct; TypeError for anything JSON cannot hold."""
+    struct = struct_pb2.Struct()
+    if metadata is None:
+        return struct
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
+    try:
+        json_format.ParseDict(dict(metadata), struct)
+    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
+        raise TypeError(f"metadata is not JSON-like: {exc}") from exc
+    return struct
+
+
+def struct_to_metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a dict; numbers come back as floats (that is what a Struct stores)."""
+    return json_format.MessageToDict(struct)
+
+
+def iter_batches(
+    items: Iterable[_T],
+    size_of: Callable[[_T], int],
+    *,
+    max_items: int,
+    max_bytes: int,
+) -> Iterator[list[tuple[int, _T]]]:
+    """Group items into batches of at most ``max_items`` and about ``max_bytes``.
+
+    Lazy, so that only one batch of loaded images is held at a time. Yields lists of
+    ``(index, item)`` with the item's position in ``items``. An item larger than ``max_bytes``
+    goes alone in its batch rather than being dropped.
+    """
+    if max_items < 1:
+        raise ValueError("max_items must be at least 1")
+    batch: list[tuple[int, _T]] = []
+    batch_bytes = 0
+    for index, item in enumerate(items):
+        size = size_of(item)
+        if batch and (len(batch) >= max_items or batch_bytes + size > max_bytes):
+            yield batch
+            batch, batch_bytes = [], 0
+        batch.append((index, item))
+        batch_bytes += size
+    if batch:
+        yield batch
+
+
+def _malformed(what: str) -> ClipSearchError:
+    return ClipSearchError(grpc.StatusCode.INTERNAL, f"malformed response: {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def _is_pil_image(obj: object) -> bool:
+    return type(obj).__module__.startswith("PIL.") and hasattr(obj, "save")
+
+
+def _check_image(obj: object, index: int | None) -> object:
+    """Validates one image input up front so that no call starts with a bad argument."""
+    what = "the query image" if index is None else f"image {index}"
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        if len(obj) == 0:
+            raise ValueError(f"{what} is empty")
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: no such file: {os.fspath(path)}")
+        return path
+    if _is_pil_image(obj):
+        return obj
+    raise TypeError(f"{what} must be a path, bytes or a PIL image, got {type(obj).__name__}")
+
+
+def _load_image(obj: object) -> bytes:
+    """The encoded bytes of a checked image: files as they are, PIL images as PNG."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj)
+    if isinstance(obj, Path):
+        return obj.read_bytes()
+    buf = io.BytesIO()
+    image: Any = obj
+    if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.mode else "RGB")
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _query_image(image: object) -> bytes:
+    return _load_image(_check_image(image, None))
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+
+
+class Client:
+    """A connection to a clipsearch server.
+
+    Use it as a context manager, or call ``close()``. ``timeout`` applies to each RPC
+    (a batched call makes several). ``credentials`` switches to a TLS channel.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        batch_size: int = 32,
+        options: Sequence[tuple[str, Any]] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if max_message_bytes < 2 * _REQUEST_OVERHEAD:
+            raise ValueError(f"max_message_bytes must be at least {2 * _REQUEST_OVERHEAD}")
+        self.target = target
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self.batch_size = batch_size
+        channel_options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *(options or ()),
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._stub = pb_grpc.ClipSearchServiceStub(self._channel)
+        self._dim: int | None = None
+
+    # Requests are split to stay under half the message limit, leaving room for the rest.
+    @property
+    def _batch_bytes(self) -> int:
+        return self.max_message_bytes // 2
+
+    @property
+    def _item_limit(self) -> int:
+        return self.max_message_bytes - _REQUEST_OVERHEAD
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    def _call(self, method: str, request: Any) -> Any:
+        """Every RPC goes through here so that every failure is a ClipSearchError."""
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise ClipSearchError(code, details or "") from exc
+
+    # ---- embedding ---------------------------------------------------------------------
+
+    def embed_texts(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        """Embeds texts; returns an (n, dim) float32 array of unit vectors.
+
+        Raises BatchError if some texts failed; its ``vectors`` has NaN rows for them.
+        """
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} must be a str, got {type(text).__name__}")
+        return self._embed(
+            [t.encode("utf-8") for t in texts],
+            lambda batch: self._call("EmbedTexts", pb.EmbedTextsRequest(texts=batch)),
+            decode=lambda b: b.decode("utf-8"),
+            progress=progress,
+            total=len(texts),
+        )
+
+    def embed_images(self, images: Sequence[ImageInput], *, progress: bool = False) -> np.ndarray:
+        """Embeds images (paths, encoded bytes or PIL images); returns an (n, dim) array.
+
+        Raises BatchError if some images failed (e.g. undecodable); its ``vectors`` has NaN
+        rows for them. Files are read one batch at a time.
+        """
+        if isinstance(images, (str, bytes, os.PathLike)) or _is_pil_image(images):
+            raise TypeError("images must be a sequence of images, not one image")
+        checked = [_check_image(img, i) for i, img in enumerate(images)]
+        return self._embed(
+            (_load_image(img) for img in checked),
+            lambda batch: self._call("EmbedImages", pb.EmbedImagesRequest(images=batch)),
+            decode=lambda b: b,
+            progress=progress,
+            total=len(checked),
+        )
+
+    def _embed(
+        self,
+        payloads: Iterable[bytes],
+        send: Callable[[list[Any]], Any],
+        *,
+        decode: Callable[[bytes], Any],
+        progress: bool,
+        total: int,
+    ) -> np.ndarray:
+        n = total
+        rows: dict[int, np.ndarray] = {}
+        failures: list[ItemFailure] = []
+        with tqdm(total=n, unit="item", disable=not progress) as bar:
+            for batch in iter_batches(
+                payloads, len, max_items=self.batch_size, max_bytes=self._batch_bytes
+            ):
+                sendable = []
+                for index, payload in batch:
+                    if len(payload) > self._item_limit:
+                        failures.append(_too_large(index, len(payload), self._item_limit))
+                    else:
+                        sendable.append((index, payload))
+                if sendable:
+                    response = send([decode(p) for _, p in sendable])
+                    matrix = decode_matrix(response.vectors)
+                    if matrix.shape[0] != len(sendable):
+                        raise _malformed(f"{matrix.shape[0]} rows for {len(sendable)} items")
+                    self._dim = matrix.shape[1]
+                    for row, (index, _) in enumerate(sendable):
+                        rows[index] = matrix[row]
+                    failures.extend(_item_failures(response.errors, sendable))
+                bar.update(len(batch))
+        # The dimension comes from a response; with none (empty input, or every item refused
+        # before sending) the server is asked, so the shape is always (n, dim).
+        dim = self._dim if self._dim is not None else self.info().dim
+        out = np.full((n, dim), np.nan, dtype=np.float32)
+        for index, row in rows.items():
+            out[index] = row
+        if failures:
+            failures.sort(key=lambda f: f.index)
+            for failure in failures:
+                out[failure.index] = np.nan
+            raise BatchError(failures, n, vectors=out)
+        return out
+
+    # ---- collections -------------------------------------------------------------------
+
+    def create_collection(
+        self, name: str, *, m: int = 0, ef_construction: int = 0
+    ) -> CollectionInfo:
+        """Creates an empty collection; zero HNSW settings take the server's defaults."""
+        request = pb.CreateCollectionRequest(
+            name=name, hnsw=pb.HnswConfig(m=m, ef_construction=ef_construction)
+        )
+        return CollectionInfo._from_proto(self._call("CreateCollection", request).collection)
+
+    def collections(self) -> list[CollectionInfo]:
+        """Lists every collection."""
+        response = self._call("ListCollections", pb.ListCollectionsRequest())
+        return [CollectionInfo._from_proto(c) for c in response.collections]
+
+    def collection(self, name: str) -> CollectionInfo:
+        """Describes one collection; ClipSearchError NOT_FOUND when it does not exist."""
+        response = self._call("GetCollection", pb.GetCollectionRequest(name=name))
+        return CollectionInfo._from_proto(response.collection)
+
+    def drop_collection(self, name: str) -> bool:
+        """Drops a collection and its items; False when there was no such collection."""
+        return self._call("DropCollection", pb.DropCollectionRequest(name=name)).dropped
+
+    # ---- items -------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        collection: str,
+        *,
+        ids: Sequence[str],
+        images: Sequence[ImageInput] | None = None,
+        texts: Sequence[str] | None = None,
+        vectors: Any = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        progress: bool = False,
+    ) -> int:
+        """Inserts or replaces items; exactly one of images, texts or vectors gives content.
+
+        Returns the number written. The collection is created on first write. Items are sent
+        in batches; if some fail, the rest are still written and BatchError is raised at the
+        end (``errors`` index into ``ids``). An RPC failure stops at the batch it hit; the
+        batches before it are written, and upsert is idempotent, so a retry is safe.
+        """
+        given = [
+            name
+            for name, v in (("images", images), ("texts", texts), ("vectors", vectors))
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of images, texts or vectors (got {given or 0})")
+        if isinstance(ids, str):
+            raise TypeError("ids must be a sequence of strings, not one string")
+        ids = list(ids)
+        for i, id_ in enumerate(ids):
+            if not isinstance(id_, str):
+                raise TypeError(f"id {i} must be a str, got {type(id_).__name__}")
+        n = len(ids)
+
+        contents: Iterable[Callable[[pb.Item], None]]
+        if texts is not None:
+            if isinstance(texts, str):
+                raise TypeError("texts must be a sequence of strings, not one string")
+            texts = list(texts)
+            _check_length("texts", len(texts), n)
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise TypeError(f"text {i} must be a str, got {type(text).__name__}")
+            contents = (_setter("text", t) for t in texts)
+        elif images is not None:
+            if isinstance(images, (str, bytes, os.PathLike)) or _is_pil_image(images):
+                raise TypeError("images must be a sequence of images, not one image")
+            checked = [_check_image(img, i) for i, img in enumerate(images)]
+            _check_length("images", len(checked), n)
+            contents = (_image_setter(img) for img in checked)
+        else:
+            arr = np.asarray(vectors, dtype=np.float32)
+            if arr.ndim == 1 and arr.size == 0:
+                arr = arr.reshape(0, 0)
+            if arr.ndim != 2:
+                raise ValueError(f"vectors must be 2-D (n, dim), got shape {arr.shape}")
+            _check_length("vectors", arr.shape[0], n)
+            wire = [encode_vector(row) for row in arr]
+            contents = (_setter("vector", v) for v in wire)
+
+        structs: list[struct_pb2.Struct | None] = [None] * n
+        if metadata is not None:
+            metadata = list(metadata)
+            _check_length("metadata", len(metadata), n)
+            structs = [metadata_to_struct(m) if m is not None else None for m in metadata]
+
+        def items() -> Iterator[pb.Item]:
+            for id_, set_content, struct in zip(ids, contents, structs, strict=True):
+                item = pb.Item(id=id_)
+                set_content(item)
+                if struct is not None:
+                    item.metadata.CopyFrom(struct)
+                yield item
+
+        written = 0
+        failures: list[ItemFailure] = []
+        with tqdm(total=n, unit="item", disable=not progress) as bar:
+            for batch in iter_batches(
+                items(), pb.Item.ByteSize, max_items=self.batch_size, max_bytes=self._batch_bytes
+            ):
+                sendable = []
+                for index, item in batch:
+                    size = item.ByteSize()
+                    if size > self._item_limit:
+                        failures.append(_too_large(index, size, self._item_limit))
+                    else:
+                        sendable.append((index, item))
+                if sendable:
+                    request = pb.UpsertItemsRequest(
+                        collection=collection, items=[item for _, item in sendable]
+                    )
+                    response = self._call("UpsertItems", request)
+                    written += response.upserted
+                    failures.extend(_item_failures(response.errors, sendable))
+                bar.update(len(batch))
+        if failures:
+            failures.sort(key=lambda f: f.index)
+            raise BatchError(failures, n, upserted=written)
+        return written
+
+    def get(
+        self, collection: str, ids: Sequence[str], *, include_vectors: bool = False
+    ) -> list[Record]:
+        """Fetches items by id, in request order; ids that are not stored are left out."""
+        records: list[Record] = []
+        for chunk in _id_chunks(ids):
+            request = pb.GetItemsRequest(
+                collection=collection, ids=chunk, include_vectors=include_vectors
+            )
+            response = self._call("GetItems", request)
+            for item in response.items:
+                records.append(
+                    Record(
+                        id=item.id,
+                        metadata=struct_to_metadata(item.metadata),
+                        vector=decode_vector(item.vector) if item.HasField("vector") else None,
+                    )
+                )
+        return records
+
+    def delete(self, collection: str, ids: Sequence[str]) -> int:
+        """Deletes items by id; returns how many existed. Absent ids are not an error."""
+        deleted = 0
+        for chunk in _id_chunks(ids):
+            request = pb.DeleteItemsRequest(collection=collection, ids=chunk)
+            deleted += self._call("DeleteItems", request).deleted
+        return deleted
+
+    def count(self, collection: str) -> int:
+        """Counts the items of a collection."""
+        return self._call("CountItems", pb.CountItemsRequest(collection=collection)).count
+
+    # ---- search ------------------------------------------------------------------------
+
+    def search(
+        self,
+        collection: str,
+        *,
+        text: str | None = None,
+        image: ImageInput | None = None,
+        vector: Any = None,
+        id: str | None = None,
+        k: int = 10,
+        ef: int = 0,
+        include_vectors: bool = False,
+    ) -> list[Hit]:
+        """The k items nearest to exactly one query: a text, an image, a vector or a stored id.
+
+        Hits come best first. ``ef`` 0 takes the server's default candidate list size.
+        """
+        given = [
+            name
+            for name, v in (("text", text), ("image", image), ("vector", vector), ("id", id))
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image, vector or id (got {given or 0})")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if not isinstance(ef, int) or ef < 0:
+            raise ValueError(f"ef must be a non-negative integer, got {ef!r}")
+        request = pb.SearchRequest(
+            collection=collection, k=k, ef=ef, include_vectors=include_vectors
+        )
+        if text is not None:
+            if not isinstance(text, str):
+                raise TypeError(f"text must be a str, got {type(text).__name__}")
+            request.text = text
+        elif id is not None:
+            if not isinstance(id, str):
+                raise TypeError(f"id must be a str, got {type(id).__name__}")
+            request.id = id
+        elif vector is not None:
+            request.vector.CopyFrom(encode_vector(vector))
+        else:
+            request.image = _query_image(image)
+        response = self._call("Search", request)
+        return [
+            Hit(
+                id=hit.id,
+                score=float(hit.score),
+                metadata=struct_to_metadata(hit.metadata),
+                vector=decode_vector(hit.vector) if hit.HasField("vector") else None,
+            )
+            for hit in response.hits
+        ]
+
+    # ---- server ------------------------------------------------------------------------
+
+    def info(self) -> ServerInfo:
+        """Describes the loaded model and the server's limits."""
+        r = self._call("GetServerInfo", pb.GetServerInfoRequest())
+        self._dim = r.dim or self._dim
+        return ServerInfo(
+            model=r.model,
+            pretrained=r.pretrained,
+            checkpoint=r.checkpoint,
+            random_weights=r.random_weights,
+            dim=r.dim,
+            device=r.device,
+            precision=r.precision,
+            model_fingerprint=r.model_fingerprint,
+            version=r.version,
+            max_message_bytes=r.max_message_bytes,
+            max_k=r.max_k,
+            image_size=r.image_size,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _check_length(name: str, got: int, want: int) -> None:
+    if got != want:
+        raise ValueError(f"{name} has {got} entries but ids has {want}")
+
+
+def _setter(field_name: str, value: Any) -> Callable[[pb.Item], None]:
+    def set_content(item: pb.Item) -> None:
+        if isinstance(value, pb.Vector):
+            item.vector.CopyFrom(value)
+        else:
+            setattr(item, field_name, value)
+
+    return set_content
+
+
+def _image_setter(image: object) -> Callable[[pb.Item], None]:
+    # Loaded when the item is built, so only the batch being assembled is in memory.
+    def set_content(item: pb.Item) -> None:
+        item.image = _load_image(image)
+
+    return set_content
+
+
+def _id_chunks(ids: Sequence[str]) -> Iterator[list[str]]:
+    if isinstance(ids, str):
+        raise TypeError("ids must be a sequence of strings, not one string")
+    ids = list(ids)
+    for i, id_ in enumerate(ids):
+        if not isinstance(id_, str):
+            raise TypeError(f"id {i} must be a str, got {type(id_).__name__}")
+    for start in range(0, len(ids), _ID_CHUNK):
+        yield ids[start : start + _ID_CHUNK]
+
+
+def _too_large(index: int, size: int, limit: int) -> ItemFailure:
+    return ItemFailure(
+        index, grpc.StatusCode.RESOURCE_EXHAUSTED, f"item is {size} bytes, over the {limit} limit"
+    )
+
+
+def _item_failures(
+    errors: Iterable[pb.ItemError], sent: Sequence[tuple[int, Any]]
+) -> list[ItemFailure]:
+    """Maps per-item errors from request positions back to the caller's indexes."""
+    failures = []
+    for error in errors:
+        if error.index >= len(sent):
+            raise _malformed(f"error for item {error.index} of a batch of {len(sent)}")
+        failures.append(ItemFailure(sent[error.index][0], _status_code(error.code), error.message))
+    return failures

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the clipsearch.v1 API (see protos/clipsearch/v1)."""

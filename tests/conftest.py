@@ -1,0 +1,122 @@
+"""Shared fixtures: a tiny CLIP checkpoint and a real server process on a loopback port.
+
+The model is open_clip's own CLIP class built from our `clipsearch-tiny` config with seeded
+random weights, saved with torch.save and loaded back by the server through `--checkpoint`,
+the same path a user's real weights take.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+COCO = REPO.parent / "shared" / "data" / "coco128"
+TINY_MODEL = "clipsearch-tiny"
+
+
+def coco_images(limit: int | None = None) -> list[Path]:
+    """The real photos of shared/data/coco128, or a skip when they are absent."""
+    if not COCO.is_dir():
+        pytest.skip(f"test photos not found at {COCO} (see shared/data/README.md)")
+    files = sorted(COCO.rglob("*.jpg"))
+    return files[:limit] if limit else files
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import open_clip
+    import torch
+    from clipsearch_server.catalog import bundled_config_dir
+
+    open_clip.add_model_config(bundled_config_dir())
+    torch.manual_seed(1234)
+    model = open_clip.create_model(TINY_MODEL)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m clipsearch_server` as a child process, started and stopped by tests."""
+
+    def __init__(self, checkpoint: Path, data_dir: Path, *extra: str) -> None:
+        self.checkpoint = checkpoint
+        self.data_dir = data_dir
+        self.extra = list(extra)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = data_dir.parent / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "clipsearch_server", "--host", "127.0.0.1",
+               "--port", str(self.port), "--model", TINY_MODEL,
+               "--checkpoint", str(self.checkpoint), "--data-dir", str(self.data_dir),
+               "--device", "cpu", *self.extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.wait_serving(timeout)
+        return self
+
+    def wait_serving(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"server not serving after {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("server") / "data").start()
+    yield proc
+    if proc.proc is not None and proc.proc.poll() is None:
+        assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture()
+def client(server: ServerProcess) -> Iterator:
+    from clipsearch import Client
+
+    with Client(server.address) as c:
+        yield c

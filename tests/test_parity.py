@@ -1,0 +1,47 @@
+"""The server's embeddings equal open_clip's own encode_text / encode_image, normalised."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import torch
+from clipsearch import Client
+from clipsearch_server.catalog import bundled_config_dir
+from conftest import TINY_MODEL, coco_images
+from PIL import Image
+
+TEXTS = [
+    "a photo of a dog",
+    "two people riding horses on a beach at sunset",
+    "A RED double-decker bus, parked.",
+    "x",
+    "a very long caption " * 30,  # longer than the 77-token context: truncated like open_clip
+]
+
+
+def _reference(checkpoint):
+    open_clip.add_model_config(bundled_config_dir())
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        TINY_MODEL, pretrained=str(checkpoint))
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(TINY_MODEL)
+
+
+def _upright(path) -> bool:
+    with Image.open(path) as img:
+        return img.getexif().get(0x0112, 1) == 1
+
+
+def test_text_and_image_embeddings_match_open_clip(client: Client, tiny_checkpoint) -> None:
+    model, preprocess, tokenizer = _reference(tiny_checkpoint)
+    files = [f for f in coco_images(24) if _upright(f)][:16]
+    assert len(files) >= 8
+    with torch.inference_mode():
+        ref_text = model.encode_text(tokenizer(TEXTS), normalize=True).numpy()
+        pixels = torch.stack([preprocess(Image.open(f)) for f in files])
+        ref_image = model.encode_image(pixels, normalize=True).numpy()
+
+    np.testing.assert_allclose(client.embed_texts(TEXTS), ref_text, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(client.embed_images(files), ref_image, atol=1e-5, rtol=0)
+    # The embeddings carry information: different inputs, different vectors.
+    assert np.abs(ref_text[0] - ref_text[1]).max() > 1e-3

@@ -1,0 +1,249 @@
+"""End to end: a real server process with the tiny checkpoint, driven through the client."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+from clipsearch import BatchError, Client, ClipSearchError
+from conftest import ServerProcess, coco_images
+from PIL import Image
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_info_describes_the_loaded_checkpoint(client: Client, tiny_checkpoint) -> None:
+    info = client.info()
+    assert info.model == "clipsearch-tiny"
+    assert info.checkpoint == str(tiny_checkpoint)
+    assert info.dim == 64
+    assert info.device == "cpu"
+    assert info.precision == "fp32"
+    assert not info.random_weights
+    assert info.model_fingerprint.startswith("clipsearch-tiny/sha256:")
+
+
+def test_embeddings_are_unit_length_per_modality(client: Client) -> None:
+    texts = client.embed_texts(["a dog on a beach", "a red car"])
+    images = client.embed_images(coco_images(3))
+    assert texts.shape == (2, 64) and images.shape == (3, 64)
+    assert texts.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
+
+
+def test_batch_reports_bad_items_without_failing_neighbours(client: Client) -> None:
+    good = coco_images(2)
+    with pytest.raises(BatchError) as caught:
+        client.embed_images([good[0], b"definitely not an image", good[1]])
+    err = caught.value
+    assert [e.index for e in err.errors] == [1]
+    assert err.errors[0].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert np.isfinite(err.vectors[[0, 2]]).all()
+    np.testing.assert_allclose(err.vectors[[0, 2]], client.embed_images(good), atol=1e-6)
+
+
+def test_coco_each_image_finds_itself_first(client: Client) -> None:
+    files = coco_images()
+    name = unique("coco")
+    ids = [f"{f.parent.name}/{f.name}" for f in files]
+    written = client.upsert(name, ids=ids, images=files,
+                            metadata=[{"file": f.name, "split": f.parent.name} for f in files])
+    assert written == len(files) == client.count(name)
+    for id_, f in zip(ids, files, strict=True):
+        by_bytes = client.search(name, image=f.read_bytes(), k=5)
+        assert by_bytes[0].id == id_
+        assert by_bytes[0].score == pytest.approx(1.0, abs=1e-4)
+        assert by_bytes[0].metadata == {"file": f.name, "split": f.parent.name}
+        by_id = client.search(name, id=id_, k=5)
+        assert by_id[0].id == id_
+    text_hits = client.search(name, text="a photo of a dog", k=7)
+    assert len(text_hits) == 7
+    assert all(a.score >= b.score for a, b in itertools.pairwise(text_hits))
+
+
+def test_upsert_replaces_and_delete_removes(client: Client) -> None:
+    name = unique("crud")
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 64)).astype(np.float32)
+    ids = [f"v{i}" for i in range(20)]
+    client.upsert(name, ids=ids, vectors=vectors, metadata=[{"n": i} for i in range(20)])
+    assert client.count(name) == 20
+
+    replacement = rng.normal(size=(1, 64)).astype(np.float32)
+    client.upsert(name, ids=["v3"], vectors=replacement, metadata=[{"n": 333}])
+    assert client.count(name) == 20
+    [record] = client.get(name, ["v3"], include_vectors=True)
+    unit = replacement[0] / np.linalg.norm(replacement)
+    np.testing.assert_allclose(record.vector, unit, atol=1e-6)
+    assert record.metadata == {"n": 333}
+    assert client.search(name, vector=replacement[0], k=1)[0].id == "v3"
+    assert client.search(name, vector=vectors[3], k=1)[0].id != "v3"
+
+    assert client.delete(name, ["v3", "v4", "never-existed"]) == 2
+    assert client.delete(name, ["v3"]) == 0  # idempotent
+    assert client.count(name) == 18
+    assert client.get(name, ["v3", "v4"]) == []
+    hits = client.search(name, vector=replacement[0], k=20)
+    assert {h.id for h in hits} == set(ids) - {"v3", "v4"}
+
+    # a deleted id can come back
+    client.upsert(name, ids=["v4"], vectors=vectors[4:5])
+    assert client.search(name, vector=vectors[4], k=1)[0].id == "v4"
+
+
+def test_text_upsert_and_text_to_text_search(client: Client) -> None:
+    name = unique("texts")
+    texts = ["a dog", "a cat", "an airplane in the sky", "a bowl of soup"]
+    client.upsert(name, ids=[f"t{i}" for i in range(4)], texts=texts)
+    for i, text in enumerate(texts):
+        assert client.search(name, text=text, k=1)[0].id == f"t{i}"
+
+
+def test_collections_create_list_info_drop(client: Client) -> None:
+    name = unique("admin")
+    info = client.create_collection(name, m=8, ef_construction=50)
+    assert (info.name, info.count, info.dim, info.m, info.ef_construction) == (name, 0, 64, 8, 50)
+    with pytest.raises(ClipSearchError) as caught:
+        client.create_collection(name)
+    assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert name in [c.name for c in client.collections()]
+    assert client.collection(name).model_fingerprint == client.info().model_fingerprint
+    assert client.drop_collection(name) is True
+    assert client.drop_collection(name) is False
+    with pytest.raises(ClipSearchError) as caught:
+        client.count(name)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def _png_bytes(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (lambda c, n: c.embed_images([b"\xff\xd8\xff\xe0corrupt jpeg"]), "INVALID_ARGUMENT"),
+        (lambda c, n: c.embed_images([b"hello, I am a text file\n" * 20]), "INVALID_ARGUMENT"),
+        (lambda c, n: c.embed_images([_png_bytes((30_000, 30_000))]), "INVALID_ARGUMENT"),
+        (lambda c, n: c.embed_texts([""]), "INVALID_ARGUMENT"),
+        (lambda c, n: c.embed_texts(["   "]), "INVALID_ARGUMENT"),
+        (lambda c, n: c.search(n, vector=np.ones(63, np.float32)), "INVALID_ARGUMENT"),
+        (lambda c, n: c.search(n, vector=np.zeros(64, np.float32)), "INVALID_ARGUMENT"),
+        (lambda c, n: c.upsert(n, ids=["x"], vectors=np.ones((1, 65), np.float32)),
+         "INVALID_ARGUMENT"),
+        (lambda c, n: c.search("no-such-collection", text="x"), "NOT_FOUND"),
+        (lambda c, n: c.search(n, id="no-such-id"), "NOT_FOUND"),
+        (lambda c, n: c.search(n, text="dog", k=10**9), "INVALID_ARGUMENT"),
+        (lambda c, n: c.search(n, text="dog", k=5, ef=10**9), "INVALID_ARGUMENT"),
+        (lambda c, n: c.create_collection("bad/name"), "INVALID_ARGUMENT"),
+        (lambda c, n: c.upsert(n, ids=[""], vectors=np.ones((1, 64), np.float32)),
+         "INVALID_ARGUMENT"),
+    ],
+)
+def test_bad_input_gets_the_right_status_and_server_keeps_serving(
+    client: Client, call, code: str
+) -> None:
+    name = "bad-input"
+    client.upsert(name, ids=["anchor"], vectors=np.ones((1, 64), np.float32))
+    with pytest.raises(ClipSearchError) as caught:
+        call(client, name)
+    assert caught.value.code == grpc.StatusCode[code], caught.value
+    assert client.count(name) == 1
+    assert client.info().dim == 64
+
+
+def test_message_over_the_limit_is_resource_exhausted(server: ServerProcess) -> None:
+    # A raw stub: the client would split this upload, the point is the server's own limit.
+    from clipsearch.v1 import clipsearch_pb2 as pb
+    from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.address, options=[
+        ("grpc.max_send_message_length", 200 << 20)]) as channel:
+        stub = pb_grpc.ClipSearchServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.EmbedImages(pb.EmbedImagesRequest(images=[b"\0" * (65 << 20)]), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).dim == 64
+
+
+def test_malformed_vectors_the_client_would_refuse(server: ServerProcess) -> None:
+    from clipsearch.v1 import clipsearch_pb2 as pb
+    from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+    nan = np.full(64, np.nan, np.float32).tobytes()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClipSearchServiceStub(channel)
+        stub.UpsertItems(pb.UpsertItemsRequest(collection="raw", items=[
+            pb.Item(id="ok", vector=pb.Vector(data=np.ones(64, "<f4").tobytes(), dim=64))]))
+        for vector in (pb.Vector(data=nan, dim=64), pb.Vector(data=b"\0" * 12, dim=64)):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Search(pb.SearchRequest(collection="raw", vector=vector, k=1), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            reply = stub.UpsertItems(pb.UpsertItemsRequest(
+                collection="raw", items=[pb.Item(id="bad", vector=vector)]), timeout=10)
+            assert reply.upserted == 0
+            assert [e.code for e in reply.errors] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+        for request in (pb.SearchRequest(collection="raw", k=1),  # no query
+                        pb.SearchRequest(collection="raw", text="a dog", k=0)):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Search(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert stub.CountItems(pb.CountItemsRequest(collection="raw")).count == 1
+
+
+def test_health_and_reflection_work_without_our_stubs(server: ServerProcess) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "clipsearch.v1.ClipSearchService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "clipsearch.v1.ClipSearchService" in database.get_services()
+        described = database.FindFileContainingSymbol("clipsearch.v1.ClipSearchService")
+        assert "Search" in [m.name for m in described.service[0].method]
+
+
+def test_everything_survives_a_restart(tiny_checkpoint, tmp_path) -> None:
+    first = ServerProcess(tiny_checkpoint, tmp_path / "data").start()
+    files = coco_images(40)
+    rng = np.random.default_rng(7)
+    extra = rng.normal(size=(5, 64)).astype(np.float32)
+    with Client(first.address) as c:
+        c.upsert("photos", ids=[f.name for f in files], images=files,
+                 metadata=[{"i": i} for i in range(len(files))])
+        c.upsert("vectors", ids=[f"e{i}" for i in range(5)], vectors=extra)
+        c.delete("photos", [files[0].name])
+        c.upsert("photos", ids=[files[1].name], vectors=extra[:1], metadata=[{"replaced": True}])
+        before = {h.id: h.score for h in c.search("photos", text="a kitchen", k=10)}
+    assert first.stop() == 0, first.log()
+
+    second = ServerProcess(tiny_checkpoint, tmp_path / "data").start()
+    try:
+        with Client(second.address) as c:
+            assert sorted(x.name for x in c.collections()) == ["photos", "vectors"]
+            assert c.count("photos") == len(files) - 1
+            assert c.get("photos", [files[0].name]) == []
+            [replaced] = c.get("photos", [files[1].name])
+            assert replaced.metadata == {"replaced": True}
+            for f in files[2:]:
+                assert c.search("photos", image=f, k=1)[0].id == f.name
+            after = {h.id: h.score for h in c.search("photos", text="a kitchen", k=10)}
+            assert after.keys() == before.keys()
+            assert c.search("vectors", vector=extra[2], k=1)[0].id == "e2"
+    finally:
+        assert second.stop() == 0, second.log()
+    assert "loaded snapshot" in second.log()
