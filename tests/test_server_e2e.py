@@ -247,3 +247,30 @@ def test_everything_survives_a_restart(tiny_checkpoint, tmp_path) -> None:
     finally:
         assert second.stop() == 0, second.log()
     assert "loaded snapshot" in second.log()
+
+
+def test_acknowledged_writes_survive_sigkill(tiny_checkpoint, tmp_path) -> None:
+    """No snapshot at all (killed, not stopped): the index is rebuilt from the store."""
+    import signal
+
+    data = tmp_path / "data"
+    first = ServerProcess(tiny_checkpoint, data, "--snapshot-interval-s", "3600").start()
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(50, 64)).astype(np.float32)
+    with Client(first.address) as c:
+        c.upsert("kill", ids=[f"k{i}" for i in range(50)], vectors=vectors,
+                 metadata=[{"i": i} for i in range(50)])
+        c.delete("kill", ["k0"])
+    first.stop(signal.SIGKILL)
+
+    second = ServerProcess(tiny_checkpoint, data).start()
+    try:
+        with Client(second.address) as c:
+            assert c.count("kill") == 49
+            assert c.get("kill", ["k0"]) == []
+            for i in (1, 25, 49):
+                [hit] = c.search("kill", vector=vectors[i], k=1)
+                assert (hit.id, hit.metadata) == (f"k{i}", {"i": float(i)})
+    finally:
+        assert second.stop() == 0, second.log()
+    assert "rebuilding the index from the store" in second.log()

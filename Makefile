@@ -1,0 +1,42 @@
+# Two commands for a fresh machine:
+#   make serve   set up and serve the default model (ViT-B-32, laion2b) with an embedded index
+#   make test    set up and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SERVE_ARGS ?=
+
+.PHONY: serve serve-random test lint protos clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.server-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[server]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.server-installed
+
+serve: $(VENV)/.server-installed
+	$(BIN)/clipsearch serve --data-dir data $(SERVE_ARGS)
+
+# No network for weights? Try the API with random weights (search results are meaningless).
+serve-random: $(VENV)/.server-installed
+	$(BIN)/clipsearch serve --data-dir data --random-weights $(SERVE_ARGS)
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	cd protos && ../$(BIN)/buf lint
+
+protos: $(VENV)/.dev-installed
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=client --pyi_out=client \
+		--grpc_python_out=client protos/clipsearch/v1/clipsearch.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
