@@ -37,6 +37,7 @@ def coco_images(limit: int | None = None) -> list[Path]:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import open_clip
     import torch
+
     from clipsearch_server.catalog import bundled_config_dir
 
     open_clip.add_model_config(bundled_config_dir())
@@ -97,6 +98,10 @@ class ServerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
         code = self.proc.wait(timeout)
         self._log.close()
         return code

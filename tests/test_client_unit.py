@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
 from clipsearch import BatchError, Client, ClipSearchError, CollectionInfo, ItemFailure, cli
 from clipsearch.client import (
     decode_matrix,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import open_clip
 import torch
+from PIL import Image
+
 from clipsearch import Client
 from clipsearch_server.catalog import bundled_config_dir
 from conftest import TINY_MODEL, coco_images
-from PIL import Image
 
 TEXTS = [
     "a photo of a dog",

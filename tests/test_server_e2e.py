@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import itertools
+import signal
 import uuid
 
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+
 from clipsearch import BatchError, Client, ClipSearchError
 from conftest import ServerProcess, coco_images
-from PIL import Image
 
 
 def unique(prefix: str) -> str:
@@ -251,8 +253,6 @@ def test_everything_survives_a_restart(tiny_checkpoint, tmp_path) -> None:
 
 def test_acknowledged_writes_survive_sigkill(tiny_checkpoint, tmp_path) -> None:
     """No snapshot at all (killed, not stopped): the index is rebuilt from the store."""
-    import signal
-
     data = tmp_path / "data"
     first = ServerProcess(tiny_checkpoint, data, "--snapshot-interval-s", "3600").start()
     rng = np.random.default_rng(3)
@@ -274,3 +274,62 @@ def test_acknowledged_writes_survive_sigkill(tiny_checkpoint, tmp_path) -> None:
     finally:
         assert second.stop() == 0, second.log()
     assert "rebuilding the index from the store" in second.log()
+
+
+def test_a_collection_refuses_embeddings_from_another_model(tiny_checkpoint, tmp_path) -> None:
+    import open_clip
+    import torch
+
+    torch.manual_seed(99)
+    other = tmp_path / "other.pt"
+    torch.save(open_clip.create_model("clipsearch-tiny").state_dict(), other)
+    data = tmp_path / "data"
+    first = ServerProcess(tiny_checkpoint, data).start()
+    with Client(first.address) as c:
+        c.upsert("fp", ids=["a", "b"], texts=["a dog", "a cat"])
+        stored = c.get("fp", ["a"], include_vectors=True)[0].vector
+    assert first.stop() == 0
+
+    second = ServerProcess(other, data).start()
+    try:
+        with Client(second.address) as c:
+            assert c.collection("fp").model_fingerprint != c.info().model_fingerprint
+            for call in (lambda: c.search("fp", text="a dog"),
+                         lambda: c.upsert("fp", ids=["c"], texts=["a bird"])):
+                with pytest.raises(ClipSearchError) as caught:
+                    call()
+                assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert c.search("fp", vector=stored, k=1)[0].id == "a"  # raw vectors still work
+            assert c.count("fp") == 2
+    finally:
+        assert second.stop() == 0, second.log()
+
+
+def test_sigterm_drains_an_in_flight_upload(tiny_checkpoint, tmp_path) -> None:
+    import time
+
+    from clipsearch.v1 import clipsearch_pb2 as pb
+    from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+    data = tmp_path / "data"
+    files = coco_images(128)
+    request = pb.UpsertItemsRequest(
+        collection="drain", items=[pb.Item(id=f.name, image=f.read_bytes()) for f in files])
+    # One decode thread: the 128 photos take a couple of seconds to decode.
+    proc = ServerProcess(tiny_checkpoint, data, "--decode-threads", "1").start()
+    with grpc.insecure_channel(proc.address, options=[
+            ("grpc.max_send_message_length", 64 << 20)]) as channel:
+        future = pb_grpc.ClipSearchServiceStub(channel).UpsertItems.future(request, timeout=60)
+        time.sleep(0.4)  # sent over loopback and being decoded
+        assert not future.done()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert future.result().upserted == len(files)
+    assert proc.wait() == 0, proc.log()
+    assert "SIGTERM received" in proc.log()
+
+    again = ServerProcess(tiny_checkpoint, data).start()
+    try:
+        with Client(again.address) as c:
+            assert c.count("drain") == len(files)
+    finally:
+        assert again.stop() == 0

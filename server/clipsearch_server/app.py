@@ -17,9 +17,10 @@ import signal
 import sys
 
 import grpc
-from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 
 from .collection import Collections
 from .config import Settings, parse_settings

@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import json_format, struct_pb2
+
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
-from google.protobuf import json_format, struct_pb2
 
 from . import __version__
 from .collection import Collection, CollectionInfo, Collections
