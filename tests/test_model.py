@@ -361,8 +361,6 @@ def test_uncatalogued_model_without_a_tag(clean_env: pytest.MonkeyPatch) -> None
         load_model(s)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_settings ignores catalog.default_pretrained, "
-                   "although --pretrained's help promises the catalog's choice")
 def test_non_default_model_gets_the_catalog_tag(clean_env: pytest.MonkeyPatch) -> None:
     assert parse_settings(["--model", "ViT-B-16"]).pretrained == "laion2b_s34b_b88k"
 

@@ -127,7 +127,6 @@ def test_la_mode_transparent_area_becomes_white() -> None:
     assert out.getpixel((6, 6)) == WHITE
 
 
-@pytest.mark.xfail(strict=True, reason="to_rgb ignores a tRNS colour key on L and RGB PNGs")
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_colour_key_transparency_becomes_white(mode: str) -> None:
     img = Image.new(mode, (8, 8), 0)

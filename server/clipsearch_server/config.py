@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .catalog import default_pretrained
+
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
@@ -135,7 +137,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if values.get("checkpoint") is not None or values.get("random_weights"):
         values["pretrained"] = None
     elif values.get("pretrained") is None:
-        values["pretrained"] = DEFAULT_PRETRAINED if args.model == DEFAULT_MODEL else ""
+        values["pretrained"] = default_pretrained(args.model) or ""
     settings = Settings(**values)
     problem = validate(settings)
     if problem:
