@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .filters import MATCH_ALL, SqlFilter
 from .index import HnswIndex, SnapshotInvalid, fsync_dir
 from .store import NewItem, Record, Store
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STORE_FILE = "store.sqlite3"
+# Filtered searches matching at most this many items score them exactly (see bench/).
+EXACT_SEARCH_MAX = 20_000
+MAX_BOOSTED_EF = 8192
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Collection:
         self._count = store.count()
         self._closed = False
         self._saved_seq: int | None = None  # sequence of the newest snapshot on disk
+        self.exact_search_max = EXACT_SEARCH_MAX
 
     # --- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -185,32 +190,58 @@ class Collection:
             self._check_open()
             return self.store.get_by_ids(ids)
 
-    def search(self, vector: np.ndarray, k: int, ef: int) -> list[SearchHit]:
+    def search(self, vector: np.ndarray, k: int, ef: int, where: SqlFilter = MATCH_ALL
+               ) -> list[SearchHit]:
+        """The true top k among matching items when the matching set is small (an exact scan),
+        the graph's approximate top k otherwise."""
         self.check_vector(vector)
         with self.index.lock.read():
             self._check_open()
-            k = min(k, self._count)
+            if where is MATCH_ALL:
+                candidates, total = None, self._count
+            else:
+                candidates = self.store.labels_matching(where)
+                total = len(candidates)
+            k = min(k, total)
             if k == 0:
                 return []
-            try:
-                labels, scores = self.index.search(vector, k, ef)
-            except RuntimeError:
-                # hnswlib found fewer than k live items (many deletions): scan exactly.
-                labels, scores = self._exact_search(vector, k)
+            if candidates is not None and total <= self.exact_search_max:
+                labels, scores = self._exact_search(vector, k, candidates)
+            else:
+                allowed = None if candidates is None else set(candidates.tolist())
+                # A filter passing a fraction of items needs a longer candidate list.
+                boost = 1.0 if candidates is None else self._count / total
+                try:
+                    labels, scores = self.index.search(
+                        vector, k, min(int(max(ef, k) * boost), MAX_BOOSTED_EF), allowed)
+                except RuntimeError:
+                    # hnswlib reached fewer than k matching items: scan them exactly.
+                    if candidates is None:
+                        candidates = self.store.labels_matching(MATCH_ALL)
+                    labels, scores = self._exact_search(vector, k, candidates)
             records = self.store.get_by_labels(labels.tolist())
         return [SearchHit(r.id, float(s), r.metadata, r.vector)
                 for label, s in zip(labels.tolist(), scores.tolist(), strict=True)
                 if (r := records.get(label)) is not None]
 
-    def _exact_search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        all_labels, all_scores = [], []
-        for labels, vectors in self.store.changes_after(-1):
-            all_labels.append(labels)
-            all_scores.append(vectors @ vector)
-        labels = np.concatenate(all_labels)
-        scores = np.concatenate(all_scores)
-        top = np.argsort(-scores, kind="stable")[:k]
+    def _exact_search(self, vector: np.ndarray, k: int, labels: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.index.vectors(labels) @ vector
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.argsort(-scores[top], kind="stable")]
         return labels[top], scores[top]
+
+    def count_matching(self, where: SqlFilter) -> int:
+        if where is MATCH_ALL:
+            return self._count
+        with self.index.lock.read():
+            self._check_open()
+            return self.store.count_matching(where)
+
+    def page(self, where: SqlFilter, after_id: str | None, limit: int) -> list[Record]:
+        with self.index.lock.read():
+            self._check_open()
+            return self.store.page(where, after_id, limit)
 
     def check_vector(self, vector: np.ndarray) -> None:
         if vector.shape != (self.dim,):

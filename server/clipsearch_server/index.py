@@ -135,11 +135,27 @@ class HnswIndex:
                 self._graph.mark_deleted(label)
 
     # --- reads: callers hold lock.read() --------------------------------------------------
-    def search(self, vector: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, similarities) best first; RuntimeError when fewer than k are reachable."""
+    def search(self, vector: np.ndarray, k: int, ef: int, allowed: set[int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, similarities) best first, among `allowed` labels when given.
+
+        Raises RuntimeError when the graph yields fewer than k (many deletions, a filter).
+        """
+        keep = allowed.__contains__ if allowed is not None else None
         with self._ef_phase(max(ef, k)):
-            labels, distances = self._graph.knn_query(vector.reshape(1, -1), k=k, num_threads=1)
+            labels, distances = self._graph.knn_query(vector.reshape(1, -1), k=k, num_threads=1,
+                                                      filter=keep)
         return labels[0].astype(np.int64), 1.0 - distances[0]
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        """The stored vectors of live labels, one row each."""
+        if len(labels) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self._graph.get_items(labels, return_type="numpy").astype(np.float32, copy=False)
+
+    def tombstones(self, live: int) -> int:
+        """Deleted slots still in the graph (not yet reused by replace_deleted)."""
+        return self._graph.get_current_count() - live
 
     @contextlib.contextmanager
     def _ef_phase(self, ef: int) -> Iterator[None]:

@@ -7,6 +7,7 @@ work (SQLite, hnswlib) runs in threads so the event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ from .collection import Collection, CollectionInfo, Collections
 from .config import Settings
 from .embedder import Embedded, Embedder
 from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
+from .filters import MATCH_ALL, SqlFilter, compile_filter
 from .model import ClipModel
 from .store import NewItem
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 64 * 1024
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -217,7 +221,28 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
     @grpc_errors
     async def CountItems(self, request: pb.CountItemsRequest, context: Any
                          ) -> pb.CountItemsResponse:
-        return pb.CountItemsResponse(count=self.collections.get(request.collection).count())
+        collection = self.collections.get(request.collection)
+        where = _where(request)
+        count = await asyncio.to_thread(collection.count_matching, where)
+        return pb.CountItemsResponse(count=count)
+
+    @grpc_errors
+    async def ListItems(self, request: pb.ListItemsRequest, context: Any
+                        ) -> pb.ListItemsResponse:
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be 0 (default) to {MAX_PAGE_SIZE}, not {size}")
+        collection = self.collections.get(request.collection)
+        after = _decode_page_token(request.page_token) if request.page_token else None
+        records = await asyncio.to_thread(collection.page, _where(request), after, size + 1)
+        more = len(records) > size
+        records = records[:size]
+        return pb.ListItemsResponse(
+            items=[pb.StoredItem(id=r.id, metadata=_struct(r.metadata),
+                                 vector=_vector(r.vector) if request.include_vectors else None)
+                   for r in records],
+            next_page_token=_encode_page_token(records[-1].id) if more else "",
+        )
 
     # --- search ---------------------------------------------------------------------------
     @grpc_errors
@@ -228,9 +253,10 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         if request.ef > s.max_ef:
             raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}")
         collection = self.collections.get(request.collection)
+        where = _where(request)
         query = await self._query_vector(request, collection)
         hits = await asyncio.to_thread(
-            collection.search, query, request.k, request.ef or s.default_ef)
+            collection.search, query, request.k, request.ef or s.default_ef, where)
         return pb.SearchResponse(hits=[
             pb.Hit(id=h.id, score=h.score, metadata=_struct(h.metadata),
                    vector=_vector(h.vector) if request.include_vectors else None)
@@ -288,6 +314,21 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
             raise InvalidArgument(
                 f"{n} {what} in one request, over the limit of "
                 f"{self.settings.max_items_per_request}; send them in batches")
+
+
+def _where(request: pb.SearchRequest | pb.CountItemsRequest | pb.ListItemsRequest) -> SqlFilter:
+    return compile_filter(request.filter) if request.HasField("filter") else MATCH_ALL
+
+
+def _encode_page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode()
+
+
+def _decode_page_token(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeError):
+        raise InvalidArgument("page_token is not one this server handed out") from None
 
 
 def _check_id(id_: str) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .filters import MATCH_ALL, SqlFilter
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
@@ -180,6 +182,30 @@ class Store:
                 if row is not None:
                     found[label] = _record(row)
             return found
+
+    def labels_matching(self, where: SqlFilter) -> np.ndarray:
+        """Labels of the items a filter matches, ascending."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT label FROM items WHERE {where.where} ORDER BY label", where.params)
+            return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def count_matching(self, where: SqlFilter) -> int:
+        with self._lock:
+            return self._db.execute(
+                f"SELECT COUNT(*) FROM items WHERE {where.where}", where.params).fetchone()[0]
+
+    def page(self, where: SqlFilter = MATCH_ALL, after_id: str | None = None, limit: int = 100
+             ) -> list[Record]:
+        """Up to `limit` items in id order, starting after `after_id`."""
+        cond, params = where.where, where.params
+        if after_id is not None:
+            cond, params = f"({cond}) AND id > ?", (*params, after_id)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, label, vector, metadata FROM items WHERE {cond} ORDER BY id LIMIT ?",
+                (*params, limit)).fetchall()
+        return [_record(r) for r in rows]
 
     def changes_after(self, seq: int, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(labels, vectors) of items written after `seq`, in chunks."""

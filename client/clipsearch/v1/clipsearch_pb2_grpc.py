@@ -85,6 +85,11 @@ class ClipSearchServiceStub:
                 request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.CountItemsRequest.SerializeToString,
                 response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.CountItemsResponse.FromString,
                 _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/clipsearch.v1.ClipSearchService/ListItems',
+                request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
         self.Search = channel.unary_unary(
                 '/clipsearch.v1.ClipSearchService/Search',
                 request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.SearchRequest.SerializeToString,
@@ -167,7 +172,14 @@ class ClipSearchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CountItems(self, request, context):
-        """CountItems counts the items of a collection.
+        """CountItems counts the items of a collection, or those matching a filter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """ListItems pages through a collection in id order, optionally filtered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,6 +251,11 @@ def add_ClipSearchServiceServicer_to_server(servicer, server):
                     servicer.CountItems,
                     request_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.CountItemsRequest.FromString,
                     response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.CountItemsResponse.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.ListItemsRequest.FromString,
+                    response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.ListItemsResponse.SerializeToString,
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
@@ -522,6 +539,33 @@ class ClipSearchService:
             '/clipsearch.v1.ClipSearchService/CountItems',
             clipsearch_dot_v1_dot_clipsearch__pb2.CountItemsRequest.SerializeToString,
             clipsearch_dot_v1_dot_clipsearch__pb2.CountItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.v1.ClipSearchService/ListItems',
+            clipsearch_dot_v1_dot_clipsearch__pb2.ListItemsRequest.SerializeToString,
+            clipsearch_dot_v1_dot_clipsearch__pb2.ListItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,139 @@
+"""Metadata filters: the API's filter tree compiled to one SQL condition over the store.
+
+Metadata is stored as JSON text, so a filter becomes a WHERE clause using SQLite's JSON
+functions. Each field test runs over `json_each` of the field, which yields the value itself
+for a scalar and each element for a list: `{"tags": ["a", "b"]}` equals "a". Values are bound
+as parameters, never pasted into SQL; keys become quoted JSON paths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from clipsearch.v1 import clipsearch_pb2 as pb
+
+from .errors import InvalidArgument
+
+MAX_DEPTH = 16
+MAX_NODES = 256
+MAX_KEY_CHARS = 256
+MAX_VALUES = 1024
+_NUMBER = "type IN ('integer', 'real')"
+# Seconds since the epoch of a JSON number, or of an ISO 8601 text (NULL when unparsable).
+_SECONDS = (
+    "(CASE WHEN type IN ('integer', 'real') THEN value "
+    "WHEN type = 'text' THEN (julianday(value) - 2440587.5) * 86400.0 END)"
+)
+
+
+@dataclass(frozen=True)
+class SqlFilter:
+    """A WHERE condition on the `items` table and its bound parameters."""
+
+    where: str
+    params: tuple
+
+
+MATCH_ALL = SqlFilter("1", ())
+
+
+def compile_filter(tree: pb.Filter | None) -> SqlFilter:
+    """Check a filter tree and compile it; an absent or empty filter matches everything."""
+    if tree is None or tree.WhichOneof("kind") is None:
+        return MATCH_ALL
+    params: list = []
+    budget = [MAX_NODES]
+    where = _node(tree, params, depth=0, budget=budget)
+    return SqlFilter(where, tuple(params))
+
+
+def _node(f: pb.Filter, params: list, depth: int, budget: list[int]) -> str:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise InvalidArgument(f"filter has more than {MAX_NODES} nodes")
+    if depth > MAX_DEPTH:
+        raise InvalidArgument(f"filter is nested deeper than {MAX_DEPTH} levels")
+    kind = f.WhichOneof("kind")
+    if kind == "field":
+        return _field(f.field, params)
+    if kind in ("all_of", "any_of", "none_of"):
+        children = getattr(f, kind).filters
+        if not children:
+            raise InvalidArgument(f"filter {kind} needs at least one filter")
+        parts = [_node(child, params, depth + 1, budget) for child in children]
+        if kind == "all_of":
+            return "(" + " AND ".join(parts) + ")"
+        joined = "(" + " OR ".join(parts) + ")"
+        return joined if kind == "any_of" else f"(NOT {joined})"
+    raise InvalidArgument("filter node has no kind: set field, all_of, any_of or none_of")
+
+
+def _field(f: pb.FieldFilter, params: list) -> str:
+    path = _json_path(f.key)
+    condition = f.WhichOneof("condition")
+    if condition == "exists":
+        params.append(path)
+        return f"(json_type(metadata, ?) IS {'NOT ' if f.exists else ''}NULL)"
+    params.append(path)  # json_each's argument comes before the test's parameters
+    if condition == "equals":
+        test = _equals(f.equals, params)
+    elif condition == "one_of":
+        values = f.one_of.values
+        if not values or len(values) > MAX_VALUES:
+            raise InvalidArgument(f"one_of of {f.key!r} needs 1 to {MAX_VALUES} values")
+        test = "(" + " OR ".join(_equals(v, params) for v in values) + ")"
+    elif condition == "range":
+        test = _bounds(f.range, _NUMBER + " AND value", params, _number, f.key)
+    elif condition == "time_range":
+        test = _bounds(f.time_range, _SECONDS, params, _seconds, f.key)
+    else:
+        raise InvalidArgument(f"filter on {f.key!r} has no condition")
+    return f"EXISTS (SELECT 1 FROM json_each(metadata, ?) WHERE {test})"
+
+
+def _json_path(key: str) -> str:
+    if not key or len(key) > MAX_KEY_CHARS:
+        raise InvalidArgument(f"filter key must be 1 to {MAX_KEY_CHARS} characters")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise InvalidArgument(f"filter key {key!r} has an empty part")
+    return "$" + "".join('."' + p.replace('"', '""') + '"' for p in parts)
+
+
+def _equals(value: struct_pb2.Value, params: list) -> str:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        params.append(value.string_value)
+        return "(type = 'text' AND value = ?)"
+    if kind == "number_value":
+        params.append(_number(value.number_value, "equals"))
+        return f"({_NUMBER} AND value = ?)"
+    if kind == "bool_value":
+        return "(type = 'true')" if value.bool_value else "(type = 'false')"
+    if kind == "null_value":
+        return "(type = 'null')"
+    raise InvalidArgument("equals and one_of take strings, numbers, bools or null")
+
+
+def _bounds(rng, expr: str, params: list, convert, key: str) -> str:
+    tests = []
+    for bound, op in (("gt", ">"), ("gte", ">="), ("lt", "<"), ("lte", "<=")):
+        if rng.HasField(bound):
+            params.append(convert(getattr(rng, bound), key))
+            tests.append(f"{expr} {op} ?")
+    if not tests:
+        raise InvalidArgument(f"range on {key!r} has no bound")
+    return "(" + " AND ".join(tests) + ")"
+
+
+def _number(x: float, key: str) -> float:
+    if not math.isfinite(x):
+        raise InvalidArgument(f"filter on {key!r} has a NaN or infinite number")
+    return x
+
+
+def _seconds(t: timestamp_pb2.Timestamp, key: str) -> float:
+    return t.seconds + t.nanos / 1e9
