@@ -333,3 +333,37 @@ def test_sigterm_drains_an_in_flight_upload(tiny_checkpoint, tmp_path) -> None:
             assert c.count("drain") == len(files)
     finally:
         assert again.stop() == 0
+
+
+def test_filters_count_and_scroll_through_the_api(client: Client) -> None:
+    name = unique("filtered")
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(250, 64)).astype(np.float32)
+    client.upsert(name, ids=[f"p{i:03d}" for i in range(250)], vectors=vectors,
+                  metadata=[{"album": "odd" if i % 2 else "even", "n": i} for i in range(250)])
+    hits = client.search(name, vector=vectors[10], k=5, filter={"album": "odd"})
+    assert len(hits) == 5 and all(h.metadata["album"] == "odd" for h in hits)
+    assert hits[0].id != "p010"  # the nearest item is even: filtered out
+    assert client.count(name, filter={"n": {"$gte": 200}}) == 50
+    assert client.count(name) == 250
+    few = client.search(name, vector=vectors[0], k=10, filter={"n": {"$lt": 3}})
+    assert sorted(h.id for h in few) == ["p000", "p001", "p002"]
+
+    page, token = client.list_page(name, page_size=100)
+    assert [r.id for r in page] == [f"p{i:03d}" for i in range(100)] and token
+    listed = list(client.scroll(name, page_size=64, filter={"album": "even"}))
+    assert [r.id for r in listed] == [f"p{i:03d}" for i in range(0, 250, 2)]
+    with pytest.raises(ClipSearchError) as caught:
+        client.list_page(name, page_token="%%% not a token")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ClipSearchError) as caught:
+        client.search(name, vector=vectors[0], filter={"n": {"$exists": True}},
+                      k=5, ef=10**6)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    from clipsearch.v1 import clipsearch_pb2 as pb
+
+    for bad in (pb.Filter(all_of=pb.FilterList()), pb.Filter(field=pb.FieldFilter(key="n"))):
+        with pytest.raises(ClipSearchError) as caught:
+            client.search(name, vector=vectors[0], filter=bad)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.count(name) == 250

@@ -16,6 +16,7 @@ from clipsearch.client import (
     Record,
     ServerInfo,
 )
+from clipsearch.filters import to_filter
 
 try:
     __version__ = version("clipsearch")
@@ -33,4 +34,5 @@ __all__ = [
     "Record",
     "ServerInfo",
     "__version__",
+    "to_filter",
 ]

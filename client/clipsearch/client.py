@@ -25,6 +25,7 @@ import numpy as np
 from google.protobuf import json_format, struct_pb2
 from tqdm import tqdm
 
+from clipsearch.filters import FilterSpec, to_filter
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
@@ -604,14 +605,7 @@ class Client:
                 collection=collection, ids=chunk, include_vectors=include_vectors
             )
             response = self._call("GetItems", request)
-            for item in response.items:
-                records.append(
-                    Record(
-                        id=item.id,
-                        metadata=struct_to_metadata(item.metadata),
-                        vector=decode_vector(item.vector) if item.HasField("vector") else None,
-                    )
-                )
+            records.extend(_record(item) for item in response.items)
         return records
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:
@@ -622,9 +616,50 @@ class Client:
             deleted += self._call("DeleteItems", request).deleted
         return deleted
 
-    def count(self, collection: str) -> int:
-        """Counts the items of a collection."""
-        return self._call("CountItems", pb.CountItemsRequest(collection=collection)).count
+    def count(self, collection: str, *, filter: FilterSpec | pb.Filter | None = None) -> int:
+        """Counts the items of a collection, or those a filter matches."""
+        request = pb.CountItemsRequest(collection=collection)
+        if filter is not None:
+            request.filter.CopyFrom(to_filter(filter))
+        return self._call("CountItems", request).count
+
+    def list_page(
+        self,
+        collection: str,
+        *,
+        filter: FilterSpec | pb.Filter | None = None,
+        page_size: int = 100,
+        page_token: str = "",
+        include_vectors: bool = False,
+    ) -> tuple[list[Record], str]:
+        """One page of items in id order and the token of the next ("" after the last)."""
+        request = pb.ListItemsRequest(
+            collection=collection, page_size=page_size, page_token=page_token,
+            include_vectors=include_vectors,
+        )
+        if filter is not None:
+            request.filter.CopyFrom(to_filter(filter))
+        response = self._call("ListItems", request)
+        return [_record(item) for item in response.items], response.next_page_token
+
+    def scroll(
+        self,
+        collection: str,
+        *,
+        filter: FilterSpec | pb.Filter | None = None,
+        page_size: int = 100,
+        include_vectors: bool = False,
+    ) -> Iterator[Record]:
+        """Every item (or every matching one) in id order, fetched a page at a time."""
+        token = ""
+        while True:
+            records, token = self.list_page(
+                collection, filter=filter, page_size=page_size, page_token=token,
+                include_vectors=include_vectors,
+            )
+            yield from records
+            if not token:
+                return
 
     # ---- search ------------------------------------------------------------------------
 
@@ -638,11 +673,13 @@ class Client:
         id: str | None = None,
         k: int = 10,
         ef: int = 0,
+        filter: FilterSpec | pb.Filter | None = None,
         include_vectors: bool = False,
     ) -> list[Hit]:
         """The k items nearest to exactly one query: a text, an image, a vector or a stored id.
 
         Hits come best first. ``ef`` 0 takes the server's default candidate list size.
+        ``filter`` (see `clipsearch.filters`) limits the hits to matching items.
         """
         given = [
             name
@@ -658,6 +695,8 @@ class Client:
         request = pb.SearchRequest(
             collection=collection, k=k, ef=ef, include_vectors=include_vectors
         )
+        if filter is not None:
+            request.filter.CopyFrom(to_filter(filter))
         if text is not None:
             if not isinstance(text, str):
                 raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -705,6 +744,14 @@ class Client:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _record(item: pb.StoredItem) -> Record:
+    return Record(
+        id=item.id,
+        metadata=struct_to_metadata(item.metadata),
+        vector=decode_vector(item.vector) if item.HasField("vector") else None,
+    )
 
 
 def _check_length(name: str, got: int, want: int) -> None:

@@ -1,0 +1,136 @@
+"""Metadata filters: the dict form, its SQL compilation, and exact filtered top-k."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch import to_filter
+from clipsearch.v1 import clipsearch_pb2 as pb
+from clipsearch_server.collection import Collections
+from clipsearch_server.errors import InvalidArgument
+from clipsearch_server.filters import compile_filter
+from clipsearch_server.store import NewItem, Store
+
+UTC = dt.timezone.utc
+ITEMS = {
+    "a": {"album": "2024", "year": 2024, "tags": ["beach", "sea"], "fav": True,
+          "taken": "2024-07-01T10:00:00Z", "exif": {"camera": "X100"}},
+    "b": {"album": "2023", "year": 2023, "tags": ["city"], "fav": False,
+          "taken": "2023-02-01T08:00:00+01:00", "note": None},
+    "c": {"album": "2024", "year": 2022.5, "tags": "sea", "taken": 1_600_000_000},
+    "d": {"album": "old", "exif": {"camera": "EOS"}, "weird key": 1},
+}
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "s.sqlite3")
+    s.upsert([NewItem(k, np.ones(4, np.float32), v) for k, v in ITEMS.items()])
+    return s
+
+
+def matches(store: Store, spec) -> set[str]:
+    labels = store.labels_matching(compile_filter(to_filter(spec))).tolist()
+    return {r.id for r in store.get_by_labels(labels).values()}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"album": "2024"}, {"a", "c"}),
+        ({"year": 2024}, {"a"}),
+        ({"year": "2024"}, set()),  # a string never equals a number
+        ({"fav": True}, {"a"}),
+        ({"fav": False}, {"b"}),
+        ({"note": None}, {"b"}),
+        ({"tags": "sea"}, {"a", "c"}),  # list elements and scalars alike
+        ({"tags": {"$in": ["city", "beach"]}}, {"a", "b"}),
+        ({"year": {"$gte": 2023}}, {"a", "b"}),
+        ({"year": {"$gt": 2022, "$lt": 2024}}, {"b", "c"}),
+        ({"taken": {"$gte": dt.datetime(2023, 1, 1, tzinfo=UTC)}}, {"a", "b"}),
+        ({"taken": {"$lt": dt.datetime(2021, 1, 1, tzinfo=UTC)}}, {"c"}),  # epoch seconds
+        # 08:00 at +01:00 is 07:00 UTC
+        ({"taken": {"$gt": dt.datetime(2023, 2, 1, 7, 30, tzinfo=UTC)}}, {"a"}),
+        ({"exif.camera": "EOS"}, {"d"}),
+        ({"exif": {"$exists": True}}, {"a", "d"}),
+        ({"fav": {"$exists": False}}, {"c", "d"}),
+        ({"weird key": 1}, {"d"}),
+        ({"album": "2024", "tags": "beach"}, {"a"}),
+        ({"$or": [{"album": "old"}, {"year": 2023}]}, {"b", "d"}),
+        ({"$not": {"album": "2024"}}, {"b", "d"}),
+        ({"$nor": [{"album": "2024"}, {"album": "old"}]}, {"b"}),
+        ({"missing": {"$gte": 0}}, set()),
+    ],
+)
+def test_filter_semantics(store: Store, spec, expected: set[str]) -> None:
+    assert matches(store, spec) == expected
+    assert store.count_matching(compile_filter(to_filter(spec))) == len(expected)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        pb.Filter(all_of=pb.FilterList()),
+        pb.Filter(field=pb.FieldFilter(key="x")),
+        pb.Filter(field=pb.FieldFilter(key="", exists=True)),
+        pb.Filter(field=pb.FieldFilter(key="a..b", exists=True)),
+        pb.Filter(field=pb.FieldFilter(key="x", range=pb.NumberRange())),
+        pb.Filter(field=pb.FieldFilter(key="x", range=pb.NumberRange(gt=float("nan")))),
+        pb.Filter(field=pb.FieldFilter(key="x", one_of=pb.ValueList())),
+        pb.Filter(),  # a filter message with nothing set inside a list
+    ],
+)
+def test_malformed_filters_are_invalid_argument(tree: pb.Filter) -> None:
+    wrapped = pb.Filter(any_of=pb.FilterList(filters=[tree]))
+    with pytest.raises(InvalidArgument):
+        compile_filter(wrapped)
+
+
+def test_deep_or_huge_filters_are_refused() -> None:
+    leaf = pb.Filter(field=pb.FieldFilter(key="x", exists=True))
+    deep = leaf
+    for _ in range(40):
+        deep = pb.Filter(all_of=pb.FilterList(filters=[deep]))
+    with pytest.raises(InvalidArgument, match="deeper"):
+        compile_filter(deep)
+    with pytest.raises(InvalidArgument, match="nodes"):
+        compile_filter(pb.Filter(any_of=pb.FilterList(filters=[leaf] * 1000)))
+
+
+def test_values_are_bound_not_pasted(store: Store) -> None:
+    assert matches(store, {"album": "x' OR 1=1 --"}) == set()
+    assert matches(store, {'al"bum': 1}) == set()
+
+
+@pytest.mark.parametrize("selectivity", [0.001, 0.05, 0.6])
+def test_filtered_search_is_the_exact_top_k(tmp_path: Path, selectivity: float) -> None:
+    n, dim, k = 20_000, 32, 10
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(50, dim))
+    vectors = centres[rng.integers(0, 50, n)] + 0.5 * rng.normal(size=(n, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    buckets = rng.permutation(n) % 1000
+    reg = Collections(tmp_path, dim, "m", m=16, ef_construction=100)
+    reg.open_all()
+    col = reg.create("f")
+    for s in range(0, n, 5000):
+        col.upsert([NewItem(f"i{i}", vectors[i], {"bucket": int(buckets[i])})
+                    for i in range(s, s + 5000)])
+    # A test-sized switch point: 0.1 % and 5 % are scored exactly, 60 % walks the graph.
+    col.exact_search_max = 5000
+    limit = int(1000 * selectivity)
+    where = compile_filter(to_filter({"bucket": {"$lt": limit}}))
+    allowed = np.flatnonzero(buckets < limit)
+    # Queries from the data's distribution, not in the collection.
+    queries = centres[rng.integers(0, 50, 20)] + 0.5 * rng.normal(size=(20, dim))
+    for q in queries.astype(np.float32):
+        q /= np.linalg.norm(q)
+        scores = vectors[allowed] @ q
+        truth = [f"i{i}" for i in allowed[np.argsort(-scores)[:k]]]
+        hits = col.search(q, k, 64, where)
+        assert [h.id for h in hits] == truth
+        assert all(buckets[int(h.id[1:])] < limit for h in hits)
