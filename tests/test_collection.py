@@ -131,3 +131,27 @@ def test_registry_create_get_drop_and_names(tmp_path: Path) -> None:
     assert not (tmp_path / "collections" / "a").exists()
     reg.close_all()
     assert registry(tmp_path).names() == []
+
+
+def test_churn_triggers_a_rebuild_that_drops_tombstones(tmp_path: Path) -> None:
+    reg = registry(tmp_path)
+    col = reg.create("churn")
+    vectors = unit_rows(3000, 6)
+    col.upsert(items(vectors))
+    assert not col.compact_if_churned()  # no churn yet
+    col.delete([f"i{i}" for i in range(0, 3000, 3)] + [f"i{i}" for i in range(1, 1500, 3)])
+    assert col.index.tombstones(col.count()) == 1500
+    assert col.compact_if_churned()
+    assert col.index.tombstones(col.count()) == 0
+    assert not col.compact_if_churned()
+    live = [i for i in range(3000) if i % 3 == 2 or (i % 3 == 1 and i >= 1500)]
+    assert col.count() == len(live) == 1500
+    for i in live[::100]:
+        assert col.search(vectors[i], 1, 64)[0].id == f"i{i}"
+    col.upsert(items(vectors[:1]))  # writes keep working on the new graph
+    assert col.search(vectors[0], 1, 64)[0].id == "i0"
+    reg.snapshot_all()
+    reg.close_all()
+    reopened = registry(tmp_path).get("churn")
+    assert reopened.count() == 1501
+    assert reopened.search(vectors[live[7]], 1, 64)[0].id == f"i{live[7]}"

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STORE_FILE = "store.sqlite3"
+# Rebuild a collection's graph from the store once deletions and replacements since the last
+# build exceed this share of its items (and this minimum): churn degrades an HNSW graph.
+COMPACT_CHURN_RATIO = 0.5
+COMPACT_CHURN_MIN = 1000
 # Filtered searches matching at most this many items score them exactly (see bench/).
 EXACT_SEARCH_MAX = 20_000
 MAX_BOOSTED_EF = 8192
@@ -79,6 +83,8 @@ class Collection:
         self._closed = False
         self._saved_seq: int | None = None  # sequence of the newest snapshot on disk
         self.exact_search_max = EXACT_SEARCH_MAX
+        self._churn = 0  # deletions and replacements since the graph was last built
+        self._maintenance = threading.Lock()  # one snapshot or compaction at a time
 
     # --- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -128,17 +134,50 @@ class Collection:
             self.index.add(labels, vectors)
         self.index.delete(self.store.deletions_after(seq))
 
+    def compact_if_churned(self) -> bool:
+        """Rebuild the graph from the store when churn has degraded it; True when rebuilt.
+
+        The new graph is built without holding the lock, from a consistent read of the store;
+        the writes that land meanwhile are replayed onto it under the write lock, then it
+        replaces the old one. Searches and writes go on during the (long) build.
+        """
+        with self._maintenance:
+            with self.index.lock.read():
+                if self._closed or self._churn < max(COMPACT_CHURN_MIN,
+                                                     COMPACT_CHURN_RATIO * self._count):
+                    return False
+                seq, churn = self.index.seq, self._churn
+                chunks = list(self.store.changes_after(-1))
+            started = time.perf_counter()
+            fresh = HnswIndex(self.folder, self.dim, self.index.m, self.index.ef_construction)
+            for labels, vectors in chunks:
+                fresh.add(labels, vectors)
+            with self.index.lock.write():
+                if self._closed:
+                    return False
+                for labels, vectors in self.store.changes_after(seq):
+                    fresh.add(labels, vectors)
+                fresh.delete(self.store.deletions_after(seq))
+                fresh.seq = self.index.seq
+                self.index.adopt(fresh)
+                self._churn -= churn
+                self._saved_seq = None  # the graph on disk is the old one
+            log.info("collection %s: graph rebuilt from the store after %d deletions and "
+                     "replacements, in %.1fs", self.name, churn, time.perf_counter() - started)
+            return True
+
     def snapshot(self, force: bool = False) -> bool:
         """Save the graph if it changed since the last snapshot; True when saved."""
-        with self.index.lock.write():
-            if self._closed:
-                return False
-            if not force and self._saved_seq == self.index.seq:
-                return False
-            manifest = self.index.save()
-            self._saved_seq = manifest.seq
-        self.store.forget_deletions_through(manifest.seq)
-        return True
+        with self._maintenance:
+            with self.index.lock.write():
+                if self._closed:
+                    return False
+                if not force and self._saved_seq == self.index.seq:
+                    return False
+                manifest = self.index.save()
+                self._saved_seq = manifest.seq
+            self.store.forget_deletions_through(manifest.seq)
+            return True
 
     def close(self) -> None:
         with self.index.lock.write():
@@ -174,6 +213,7 @@ class Collection:
                            np.stack([lv[1] for lv in last.values()]))
             self.index.seq = seq
             self._count += before - existing
+            self._churn += existing
         return len(items)
 
     def delete(self, ids: list[str]) -> int:
@@ -183,6 +223,7 @@ class Collection:
             self.index.delete(labels)
             self.index.seq = seq
             self._count -= len(labels)
+            self._churn += len(labels)
         return len(labels)
 
     def get(self, ids: list[str]) -> dict[str, Record]:
@@ -329,6 +370,7 @@ class Collections:
             collections = list(self._open.values())
         for collection in collections:
             try:
+                collection.compact_if_churned()
                 if collection.snapshot(force):
                     log.debug("snapshot of %s saved", collection.name)
             except Exception:

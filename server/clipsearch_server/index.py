@@ -153,6 +153,10 @@ class HnswIndex:
             return np.zeros((0, self.dim), np.float32)
         return self._graph.get_items(labels, return_type="numpy").astype(np.float32, copy=False)
 
+    def adopt(self, other: HnswIndex) -> None:
+        """Take over another index's graph (a compaction's result); caller holds lock.write()."""
+        self._graph, self._ef, self.seq = other._graph, other._graph.ef, other.seq
+
     def tombstones(self, live: int) -> int:
         """Deleted slots still in the graph (not yet reused by replace_deleted)."""
         return self._graph.get_current_count() - live
