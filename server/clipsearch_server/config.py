@@ -37,6 +37,7 @@ class Settings:
     max_items_per_request: int = 4096
     max_k: int = 1000
     default_ef: int = 64
+    default_ef_text: int = 128
     max_ef: int = 4096
     max_image_pixels: int = 40_000_000
     decode_threads: int = 4
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "most texts, images or items in one request")
     opt("--max-k", int, d.max_k, "largest k a search accepts")
     opt("--default-ef", int, d.default_ef, "HNSW ef of a search that does not set one")
+    opt("--default-ef-text", int, d.default_ef_text,
+        "HNSW ef of a text query that does not set one: text embeddings sit apart from image "
+        "embeddings (the modality gap) and need a longer candidate list for the same recall")
     opt("--max-ef", int, d.max_ef, "largest ef a search may ask for")
     opt("--max-image-pixels", int, d.max_image_pixels,
         "images with more pixels are refused (decompression-bomb guard)")
@@ -154,7 +158,7 @@ def validate(s: Settings) -> str | None:
     if not 0 <= s.port <= 65535:
         return f"--port must be 0..65535, not {s.port}"
     for name in ("max_message_bytes", "max_batch_size", "max_items_per_request", "max_k",
-                 "default_ef", "max_ef",
+                 "default_ef", "default_ef_text", "max_ef",
                  "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
         if getattr(s, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"

@@ -255,8 +255,9 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         collection = self.collections.get(request.collection)
         where = _where(request)
         query = await self._query_vector(request, collection)
+        default_ef = s.default_ef_text if request.WhichOneof("query") == "text" else s.default_ef
         hits = await asyncio.to_thread(
-            collection.search, query, request.k, request.ef or s.default_ef, where)
+            collection.search, query, request.k, request.ef or default_ef, where)
         return pb.SearchResponse(hits=[
             pb.Hit(id=h.id, score=h.score, metadata=_struct(h.metadata),
                    vector=_vector(h.vector) if request.include_vectors else None)
