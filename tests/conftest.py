@@ -57,10 +57,14 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m clipsearch_server` as a child process, started and stopped by tests."""
 
-    def __init__(self, checkpoint: Path, data_dir: Path, *extra: str) -> None:
+    def __init__(self, checkpoint: Path, data_dir: Path, *extra: str,
+                 env: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.checkpoint = checkpoint
         self.data_dir = data_dir
         self.extra = list(extra)
+        self.env = env or {}
+        self.credentials = credentials  # how the readiness probe connects (TLS servers)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"server-{self.port}.log"
@@ -72,7 +76,7 @@ class ServerProcess:
                "--port", str(self.port), "--model", TINY_MODEL,
                "--checkpoint", str(self.checkpoint), "--data-dir", str(self.data_dir),
                "--device", "cpu", *self.extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.wait_serving(timeout)
@@ -80,7 +84,9 @@ class ServerProcess:
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        channel = (grpc.secure_channel(f"localhost:{self.port}", self.credentials)
+                   if self.credentials else grpc.insecure_channel(self.address))
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:

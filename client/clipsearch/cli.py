@@ -18,11 +18,13 @@ from typing import Any
 from clipsearch.client import DEFAULT_TARGET, BatchError, Client, ClipSearchError
 
 SERVER_ENV = "CLIPSEARCH_SERVER"
+# The bearer token comes from the environment only: a flag would show in `ps`.
+TOKEN_ENV = "CLIPSEARCH_TOKEN"
 # Enough bytes to recognize every supported format (BMP needs its DIB header size at 14..18).
 SNIFF_BYTES = 18
 # Sizes of the DIB headers that BMP files use (core, info, v2, v3, OS/2 v2, v4, v5).
 _BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
-_GLOBAL_OPTIONS_WITH_VALUE = ("--server", "--timeout")
+_GLOBAL_OPTIONS_WITH_VALUE = ("--server", "--timeout", "--tls-ca", "--tls-cert", "--tls-key")
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +223,9 @@ def _serve_args(argv: Sequence[str]) -> list[str] | None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (without ``serve``'s own options, which the server owns)."""
     parser = argparse.ArgumentParser(
-        prog="clipsearch", description="CLIP text-to-image and image-to-image search."
+        prog="clipsearch",
+        description="CLIP text-to-image and image-to-image search. A server that wants a "
+        f"bearer token gets it from ${TOKEN_ENV}.",
     )
     parser.add_argument(
         "--server",
@@ -232,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per call (default: 60)"
     )
+    parser.add_argument("--tls", action="store_true", help="connect over TLS")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA to check the server against")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser(
@@ -290,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_size = getattr(args, "batch_size", 32)
     try:
-        with Client(args.server, timeout=args.timeout, batch_size=batch_size) as client:
+        with Client(
+            args.server, timeout=args.timeout, batch_size=batch_size,
+            token=os.environ.get(TOKEN_ENV) or None, tls=args.tls, tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert, tls_key=args.tls_key,
+        ) as client:
             return _COMMANDS[args.command](client, args)
     except ClipSearchError as exc:
         print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)

@@ -322,7 +322,12 @@ class Client:
     """A connection to a clipsearch server.
 
     Use it as a context manager, or call ``close()``. ``timeout`` applies to each RPC
-    (a batched call makes several). ``credentials`` switches to a TLS channel.
+    (a batched call makes several).
+
+    Security: ``token`` is sent as ``authorization: Bearer <token>`` on every call.
+    ``tls=True`` connects over TLS checked against the system's roots, or against
+    ``tls_ca`` (a PEM file) when given; ``tls_cert`` and ``tls_key`` add a client
+    certificate for mutual TLS. ``credentials`` takes ready-made channel credentials instead.
     """
 
     def __init__(
@@ -334,6 +339,11 @@ class Client:
         batch_size: int = 32,
         options: Sequence[tuple[str, Any]] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -348,6 +358,15 @@ class Client:
             ("grpc.max_receive_message_length", max_message_bytes),
             *(options or ()),
         ]
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if credentials is None and (tls or tls_ca or tls_cert):
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
@@ -380,7 +399,9 @@ class Client:
     def _call(self, method: str, request: Any) -> Any:
         """Every RPC goes through here so that every failure is a ClipSearchError."""
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            return getattr(self._stub, method)(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -744,6 +765,10 @@ class Client:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _read(path: str | os.PathLike[str] | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
 
 
 def _record(item: pb.StoredItem) -> Record:

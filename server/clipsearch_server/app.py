@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,10 +21,13 @@ from grpc_reflection.v1alpha import reflection
 
 from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 
+from .auth import BearerTokenInterceptor, load_tokens, server_credentials
 from .collection import Collections
 from .config import Settings, parse_settings
 from .embedder import Embedder
+from .errors import ClipSearchError
 from .model import ModelLoadError, load_model
+from .observability import Metrics, ObservabilityInterceptor, configure_logging
 from .service import ClipSearchServicer
 
 log = logging.getLogger("clipsearch_server")
@@ -40,20 +42,32 @@ RANDOM_WEIGHTS_WARNING = (
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `clipsearch serve` and `clipsearch-server`."""
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve(settings))
 
 
 async def serve(settings: Settings) -> int:
     """Run the server until a signal; returns the process exit code."""
     limit = settings.max_message_bytes
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-    ])
+    metrics = Metrics()
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
+    try:
+        tokens = load_tokens(settings.auth_tokens_file, os.environ.get("CLIPSEARCH_AUTH_TOKENS"))
+    except (OSError, ClipSearchError) as exc:
+        log.error("cannot read auth tokens: %s", exc)
+        return 2
+    if tokens:
+        interceptors.append(BearerTokenInterceptor(tokens))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        # Calls beyond this are refused with RESOURCE_EXHAUSTED: with the message limit, this
+        # bounds the memory that requests in flight can take.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    )
     servicer = ClipSearchServicer(settings)
     clipsearch_pb2_grpc.add_ClipSearchServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -62,13 +76,25 @@ async def serve(settings: Settings) -> int:
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = server_credentials(settings.tls_cert, settings.tls_key,
+                                             settings.tls_client_ca)
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if settings.metrics_port:
+            metrics.serve_http(settings.metrics_host, settings.metrics_port)
+    except (RuntimeError, OSError) as exc:
         log.error("cannot listen on %s: %s", address, exc)
         return 2
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    log.info("listening on %s:%d (loading model)", settings.host, port)
+    security = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
+                else "plaintext")
+    log.info("listening on %s:%d (%s, %s; loading model)", settings.host, port, security,
+             f"{len(tokens)} auth tokens" if tokens else "no authentication")
+    if settings.metrics_port:
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
 
     stop = asyncio.Event()
     _install_signal_handlers(stop)
@@ -79,6 +105,7 @@ async def serve(settings: Settings) -> int:
         log.error("model load failed: %s", exc)
         await server.stop(0)
         return 2
+    metrics.model_load_seconds.set(model.load_seconds)
     log.info("model %s (%s) loaded on %s, %s, dim %d, in %.1fs; fingerprint %s",
              model.name, settings.weights_source, model.device, model.precision, model.dim,
              model.load_seconds, model.fingerprint)
@@ -88,8 +115,9 @@ async def serve(settings: Settings) -> int:
     collections = Collections(settings.data_dir, model.dim, model.fingerprint,
                               settings.hnsw_m, settings.hnsw_ef_construction)
     await asyncio.to_thread(collections.open_all)
+    metrics.watch_collections(collections.counts)
     embedder = Embedder(model, settings.max_batch_size, settings.max_image_pixels,
-                        settings.decode_threads)
+                        settings.decode_threads, settings.max_queued_batches, metrics)
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)

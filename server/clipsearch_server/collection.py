@@ -365,6 +365,11 @@ class Collections:
         log.info("dropped collection %s", name)
         return True
 
+    def counts(self) -> list[tuple[str, int]]:
+        """(name, items) of every collection, for metrics."""
+        with self._lock:
+            return [(name, c.count()) for name, c in sorted(self._open.items())]
+
     def snapshot_all(self, force: bool = False) -> None:
         with self._lock:
             collections = list(self._open.values())

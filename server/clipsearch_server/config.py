@@ -46,6 +46,15 @@ class Settings:
     snapshot_interval_s: float = 60.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    max_concurrent_rpcs: int = 64
+    max_queued_batches: int = 64
+    auth_tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     @property
     def weights_source(self) -> str:
@@ -91,21 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"open_clip pretrained tag, downloaded on first use (default: "
                          f"{DEFAULT_PRETRAINED} for {DEFAULT_MODEL}, else the catalog's choice; "
                          "env CLIPSEARCH_PRETRAINED)")
-    env_ckpt = _env("checkpoint")
-    weights.add_argument("--checkpoint", type=Path, default=Path(env_ckpt) if env_ckpt else None,
-                         help="local open_clip checkpoint file (.pt, .bin or .safetensors); "
-                         "works offline (env CLIPSEARCH_CHECKPOINT)")
+    def path_opt(group: argparse._ActionsContainer, flag: str, help_: str) -> None:
+        name = flag.lstrip("-").replace("-", "_")
+        env = _env(name)
+        group.add_argument(flag, type=Path, default=Path(env) if env else None,
+                           help=f"{help_} (env CLIPSEARCH_{name.upper()})")
+
+    path_opt(weights, "--checkpoint",
+             "local open_clip checkpoint file (.pt, .bin or .safetensors); works offline")
     weights.add_argument("--random-weights", action="store_true",
                          default=_env_bool("random_weights"),
                          help="random weights: for trying the API and benchmarking only, "
                          "search results are meaningless (env CLIPSEARCH_RANDOM_WEIGHTS)")
-    env_cfg = _env("model_config_dir")
-    p.add_argument("--model-config-dir", type=Path, default=Path(env_cfg) if env_cfg else None,
-                   help="extra folder of open_clip model config JSON files "
-                   "(env CLIPSEARCH_MODEL_CONFIG_DIR)")
-    env_cache = _env("cache_dir")
-    p.add_argument("--cache-dir", type=Path, default=Path(env_cache) if env_cache else None,
-                   help="where downloaded weights are cached (env CLIPSEARCH_CACHE_DIR)")
+    path_opt(p, "--model-config-dir", "extra folder of open_clip model config JSON files")
+    path_opt(p, "--cache-dir", "where downloaded weights are cached")
     opt("--data-dir", Path, d.data_dir, "folder holding the collections")
     opt("--device", str, d.device, "auto (cuda when present, else cpu), cpu, cuda or cuda:N")
     opt("--precision", str, d.precision, "fp32, fp16 or bf16 (fp16/bf16 are for GPUs)")
@@ -130,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--shutdown-grace-s", float, d.shutdown_grace_s,
         "seconds in-flight calls get to finish on SIGTERM")
     opt("--log-level", str, d.log_level, "DEBUG, INFO, WARNING or ERROR")
+    opt("--log-format", str, d.log_format, "text, or json for one JSON object per line")
+    opt("--max-concurrent-rpcs", int, d.max_concurrent_rpcs,
+        "calls served at once; more are refused with RESOURCE_EXHAUSTED (bounds memory)")
+    opt("--max-queued-batches", int, d.max_queued_batches,
+        "model batches waiting at once; more are refused with RESOURCE_EXHAUSTED")
+    path_opt(p, "--auth-tokens-file",
+             "file of accepted bearer tokens, one per line; CLIPSEARCH_AUTH_TOKENS adds "
+             "comma-separated ones. Without either, calls are not authenticated")
+    path_opt(p, "--tls-cert", "server certificate chain (PEM): serve TLS")
+    path_opt(p, "--tls-key", "server private key (PEM)")
+    path_opt(p, "--tls-client-ca", "CA (PEM) that client certificates must chain to: mutual TLS")
+    opt("--metrics-host", str, d.metrics_host, "address of the Prometheus metrics endpoint")
+    opt("--metrics-port", int, d.metrics_port, "port of the Prometheus metrics endpoint; 0 = off")
     return p
 
 
@@ -158,10 +179,20 @@ def validate(s: Settings) -> str | None:
     if not 0 <= s.port <= 65535:
         return f"--port must be 0..65535, not {s.port}"
     for name in ("max_message_bytes", "max_batch_size", "max_items_per_request", "max_k",
+                 "max_concurrent_rpcs", "max_queued_batches",
                  "default_ef", "default_ef_text", "max_ef",
                  "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
         if getattr(s, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    if s.checkpoint is not None and not s.checkpoint.is_file():
-        return f"--checkpoint {s.checkpoint} is not a file"
+    if s.log_format not in ("text", "json"):
+        return f"--log-format must be text or json, not {s.log_format!r}"
+    if (s.tls_cert is None) != (s.tls_key is None):
+        return "--tls-cert and --tls-key go together"
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        return "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key"
+    for flag, path in (("--checkpoint", s.checkpoint), ("--auth-tokens-file", s.auth_tokens_file),
+                       ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key),
+                       ("--tls-client-ca", s.tls_client_ca)):
+        if path is not None and not path.is_file():
+            return f"{flag} {path} is not a file"
     return None

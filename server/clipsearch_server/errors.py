@@ -31,3 +31,7 @@ class ResourceExhausted(ClipSearchError):
 
 class Unavailable(ClipSearchError):
     code_name = "UNAVAILABLE"
+
+
+class DeadlineExceeded(ClipSearchError):
+    code_name = "DEADLINE_EXCEEDED"

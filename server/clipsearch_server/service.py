@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ MAX_METADATA_BYTES = 64 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
-Req = TypeVar("Req")
+Ctx = grpc.aio.ServicerContext
 Resp = TypeVar("Resp")
 
 
@@ -97,24 +98,24 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
 
     # --- embedding ------------------------------------------------------------------------
     @grpc_errors
-    async def EmbedTexts(self, request: pb.EmbedTextsRequest, context: Any
+    async def EmbedTexts(self, request: pb.EmbedTextsRequest, context: Ctx
                          ) -> pb.EmbedTextsResponse:
         self._check_count(len(request.texts), "texts")
-        embedded = await self.embedder.embed_texts(list(request.texts))
+        embedded = await self.embedder.embed_texts(list(request.texts), _deadline(context))
         return pb.EmbedTextsResponse(vectors=_matrix(embedded.vectors),
                                      errors=_item_errors(embedded))
 
     @grpc_errors
-    async def EmbedImages(self, request: pb.EmbedImagesRequest, context: Any
+    async def EmbedImages(self, request: pb.EmbedImagesRequest, context: Ctx
                           ) -> pb.EmbedImagesResponse:
         self._check_count(len(request.images), "images")
-        embedded = await self.embedder.embed_images(list(request.images))
+        embedded = await self.embedder.embed_images(list(request.images), _deadline(context))
         return pb.EmbedImagesResponse(vectors=_matrix(embedded.vectors),
                                       errors=_item_errors(embedded))
 
     # --- collections ----------------------------------------------------------------------
     @grpc_errors
-    async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Any
+    async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Ctx
                                ) -> pb.CreateCollectionResponse:
         m, efc = request.hnsw.m, request.hnsw.ef_construction
         if m and not 2 <= m <= 128:
@@ -125,7 +126,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         return pb.CreateCollectionResponse(collection=_collection_info(collection.info()))
 
     @grpc_errors
-    async def ListCollections(self, request: pb.ListCollectionsRequest, context: Any
+    async def ListCollections(self, request: pb.ListCollectionsRequest, context: Ctx
                               ) -> pb.ListCollectionsResponse:
         infos = []
         for name in self.collections.names():
@@ -136,20 +137,20 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         return pb.ListCollectionsResponse(collections=infos)
 
     @grpc_errors
-    async def GetCollection(self, request: pb.GetCollectionRequest, context: Any
+    async def GetCollection(self, request: pb.GetCollectionRequest, context: Ctx
                             ) -> pb.GetCollectionResponse:
         info = self.collections.get(request.name).info()
         return pb.GetCollectionResponse(collection=_collection_info(info))
 
     @grpc_errors
-    async def DropCollection(self, request: pb.DropCollectionRequest, context: Any
+    async def DropCollection(self, request: pb.DropCollectionRequest, context: Ctx
                              ) -> pb.DropCollectionResponse:
         dropped = await asyncio.to_thread(self.collections.drop, request.name)
         return pb.DropCollectionResponse(dropped=dropped)
 
     # --- items ----------------------------------------------------------------------------
     @grpc_errors
-    async def UpsertItems(self, request: pb.UpsertItemsRequest, context: Any
+    async def UpsertItems(self, request: pb.UpsertItemsRequest, context: Ctx
                           ) -> pb.UpsertItemsResponse:
         self._check_count(len(request.items), "items")
         collection = await asyncio.to_thread(
@@ -176,9 +177,10 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
                 errors[i] = exc
         if images or texts:
             collection.check_model(self.model.fingerprint)
+        deadline = _deadline(context)
         for positions, embedded in (
-            ([i for i, _ in images], await self._embed_images([b for _, b in images])),
-            ([i for i, _ in texts], await self._embed_texts([t for _, t in texts])),
+            ([i for i, _ in images], await self._embed_images([b for _, b in images], deadline)),
+            ([i for i, _ in texts], await self._embed_texts([t for _, t in texts], deadline)),
         ):
             for row, i in enumerate(positions):
                 if row in embedded.errors:
@@ -195,7 +197,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         )
 
     @grpc_errors
-    async def GetItems(self, request: pb.GetItemsRequest, context: Any) -> pb.GetItemsResponse:
+    async def GetItems(self, request: pb.GetItemsRequest, context: Ctx) -> pb.GetItemsResponse:
         self._check_count(len(request.ids), "ids")
         collection = self.collections.get(request.collection)
         found = await asyncio.to_thread(collection.get, list(request.ids))
@@ -211,7 +213,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         return pb.GetItemsResponse(items=items, missing_ids=missing)
 
     @grpc_errors
-    async def DeleteItems(self, request: pb.DeleteItemsRequest, context: Any
+    async def DeleteItems(self, request: pb.DeleteItemsRequest, context: Ctx
                           ) -> pb.DeleteItemsResponse:
         self._check_count(len(request.ids), "ids")
         collection = self.collections.get(request.collection)
@@ -219,7 +221,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         return pb.DeleteItemsResponse(deleted=deleted)
 
     @grpc_errors
-    async def CountItems(self, request: pb.CountItemsRequest, context: Any
+    async def CountItems(self, request: pb.CountItemsRequest, context: Ctx
                          ) -> pb.CountItemsResponse:
         collection = self.collections.get(request.collection)
         where = _where(request)
@@ -227,7 +229,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         return pb.CountItemsResponse(count=count)
 
     @grpc_errors
-    async def ListItems(self, request: pb.ListItemsRequest, context: Any
+    async def ListItems(self, request: pb.ListItemsRequest, context: Ctx
                         ) -> pb.ListItemsResponse:
         size = request.page_size or DEFAULT_PAGE_SIZE
         if size > MAX_PAGE_SIZE:
@@ -246,7 +248,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
 
     # --- search ---------------------------------------------------------------------------
     @grpc_errors
-    async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
+    async def Search(self, request: pb.SearchRequest, context: Ctx) -> pb.SearchResponse:
         s = self.settings
         if not 1 <= request.k <= s.max_k:
             raise InvalidArgument(f"k must be 1..{s.max_k}, not {request.k}")
@@ -254,7 +256,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
             raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}")
         collection = self.collections.get(request.collection)
         where = _where(request)
-        query = await self._query_vector(request, collection)
+        query = await self._query_vector(request, collection, _deadline(context))
         default_ef = s.default_ef_text if request.WhichOneof("query") == "text" else s.default_ef
         hits = await asyncio.to_thread(
             collection.search, query, request.k, request.ef or default_ef, where)
@@ -264,8 +266,8 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
             for h in hits
         ])
 
-    async def _query_vector(self, request: pb.SearchRequest, collection: Collection
-                            ) -> np.ndarray:
+    async def _query_vector(self, request: pb.SearchRequest, collection: Collection,
+                            deadline: float | None) -> np.ndarray:
         kind = request.WhichOneof("query")
         if kind == "vector":
             return _unit_vector(request.vector, collection.dim)
@@ -276,8 +278,8 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
             return found[request.id].vector
         if kind in ("text", "image"):
             collection.check_model(self.model.fingerprint)
-            embedded = (await self._embed_texts([request.text]) if kind == "text"
-                        else await self._embed_images([request.image]))
+            embedded = (await self._embed_texts([request.text], deadline) if kind == "text"
+                        else await self._embed_images([request.image], deadline))
             if 0 in embedded.errors:
                 raise embedded.errors[0]
             return embedded.vectors[0]
@@ -285,7 +287,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
 
     # --- server ---------------------------------------------------------------------------
     @grpc_errors
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Any
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Ctx
                             ) -> pb.GetServerInfoResponse:
         m = self.model
         return pb.GetServerInfoResponse(
@@ -298,15 +300,15 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         )
 
     # --- helpers --------------------------------------------------------------------------
-    async def _embed_images(self, images: list[bytes]) -> Embedded:
+    async def _embed_images(self, images: list[bytes], deadline: float | None) -> Embedded:
         if not images:
             return Embedded(np.zeros((0, self.model.dim), np.float32), {})
-        return await self.embedder.embed_images(images)
+        return await self.embedder.embed_images(images, deadline)
 
-    async def _embed_texts(self, texts: list[str]) -> Embedded:
+    async def _embed_texts(self, texts: list[str], deadline: float | None) -> Embedded:
         if not texts:
             return Embedded(np.zeros((0, self.model.dim), np.float32), {})
-        return await self.embedder.embed_texts(texts)
+        return await self.embedder.embed_texts(texts, deadline)
 
     def _check_count(self, n: int, what: str) -> None:
         if n == 0:
@@ -315,6 +317,12 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
             raise InvalidArgument(
                 f"{n} {what} in one request, over the limit of "
                 f"{self.settings.max_items_per_request}; send them in batches")
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock, if the client set one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _where(request: pb.SearchRequest | pb.CountItemsRequest | pb.ListItemsRequest) -> SqlFilter:
