@@ -163,6 +163,18 @@ def test_bad_input_gets_the_right_status_and_server_keeps_serving(
     assert client.info().dim == 64
 
 
+def test_errors_name_the_offending_field(client: Client) -> None:
+    client.upsert("fields", ids=["a"], vectors=np.ones((1, 64), np.float32))
+    for call, field in ((lambda: client.search("fields", text="x", k=10**9), "k"),
+                        (lambda: client.search("fields", text="x", ef=10**9), "ef"),
+                        (lambda: client.search("fields", vector=np.ones(3)), "vector"),
+                        (lambda: client.list_page("fields", page_token="!"), "page_token")):
+        with pytest.raises(ClipSearchError) as caught:
+            call()
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in caught.value.field_violations] == [field]
+
+
 def test_message_over_the_limit_is_resource_exhausted(server: ServerProcess) -> None:
     # A raw stub: the client would split this upload, the point is the server's own limit.
     from clipsearch.v1 import clipsearch_pb2 as pb

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import json_format, struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from tqdm import tqdm
 
 from clipsearch.filters import FilterSpec, to_filter
@@ -64,12 +66,22 @@ _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ClipSearchError(Exception):
-    """A call failed; ``code`` is the gRPC status code and ``details`` the server's message."""
+    """A call failed; ``code`` is the gRPC status code and ``details`` the server's message.
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    ``field_violations`` lists (field, description) pairs when the server named the request
+    fields at fault (google.rpc.BadRequest details), e.g. ``[("k", "k must be 1..1000")]``.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        field_violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.field_violations = list(field_violations)
 
 
 @dataclass(frozen=True)
@@ -405,7 +417,7 @@ class Client:
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise ClipSearchError(code, details or "") from exc
+            raise ClipSearchError(code, details or "", _field_violations(exc)) from exc
 
     # ---- embedding ---------------------------------------------------------------------
 
@@ -765,6 +777,23 @@ class Client:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    """The google.rpc.BadRequest field violations a failed call carries, if any."""
+    if not isinstance(exc, grpc.Call):
+        return []
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # details inconsistent with the call's status
+        return []
+    violations: list[tuple[str, str]] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend((v.field, v.description) for v in bad.field_violations)
+    return violations
 
 
 def _read(path: str | os.PathLike[str] | None) -> bytes | None:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 
 class ClipSearchError(Exception):
-    """Base of every error the service turns into a gRPC status."""
+    """Base of every error the service turns into a gRPC status.
+
+    `field` names the request field at fault (e.g. "k", "items[3].id"); the service sends it
+    as a google.rpc.BadRequest field violation so clients can point at it.
+    """
 
     code_name = "INTERNAL"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidArgument(ClipSearchError):

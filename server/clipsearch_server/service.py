@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import any_pb2, json_format, struct_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
@@ -52,7 +54,11 @@ def grpc_errors(method: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitab
         try:
             return await method(self, request, context)
         except ClipSearchError as exc:
-            await context.abort(grpc.StatusCode[exc.code_name], str(exc))
+            code = grpc.StatusCode[exc.code_name]
+            if exc.field is None:
+                await context.abort(code, str(exc))
+            status = _status_with_field(code, str(exc), exc.field)
+            await context.abort(status.code, status.details, status.trailing_metadata)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
@@ -119,9 +125,10 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
                                ) -> pb.CreateCollectionResponse:
         m, efc = request.hnsw.m, request.hnsw.ef_construction
         if m and not 2 <= m <= 128:
-            raise InvalidArgument(f"hnsw.m must be 2..128, not {m}")
+            raise InvalidArgument(f"hnsw.m must be 2..128, not {m}", "hnsw.m")
         if efc and not 1 <= efc <= 4096:
-            raise InvalidArgument(f"hnsw.ef_construction must be 1..4096, not {efc}")
+            raise InvalidArgument(f"hnsw.ef_construction must be 1..4096, not {efc}",
+                                  "hnsw.ef_construction")
         collection = await asyncio.to_thread(self.collections.create, request.name, m, efc)
         return pb.CreateCollectionResponse(collection=_collection_info(collection.info()))
 
@@ -170,7 +177,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
                 elif kind == "text":
                     texts.append((i, item.text))
                 elif kind == "vector":
-                    vectors[i] = _unit_vector(item.vector, collection.dim)
+                    vectors[i] = _unit_vector(item.vector, collection.dim, f"items[{i}].vector")
                 else:
                     raise InvalidArgument("item has no content: set image, text or vector")
             except ClipSearchError as exc:
@@ -233,7 +240,8 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
                         ) -> pb.ListItemsResponse:
         size = request.page_size or DEFAULT_PAGE_SIZE
         if size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be 0 (default) to {MAX_PAGE_SIZE}, not {size}")
+            raise InvalidArgument(
+                f"page_size must be 0 (default) to {MAX_PAGE_SIZE}, not {size}", "page_size")
         collection = self.collections.get(request.collection)
         after = _decode_page_token(request.page_token) if request.page_token else None
         records = await asyncio.to_thread(collection.page, _where(request), after, size + 1)
@@ -251,9 +259,9 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
     async def Search(self, request: pb.SearchRequest, context: Ctx) -> pb.SearchResponse:
         s = self.settings
         if not 1 <= request.k <= s.max_k:
-            raise InvalidArgument(f"k must be 1..{s.max_k}, not {request.k}")
+            raise InvalidArgument(f"k must be 1..{s.max_k}, not {request.k}", "k")
         if request.ef > s.max_ef:
-            raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}")
+            raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}", "ef")
         collection = self.collections.get(request.collection)
         where = _where(request)
         query = await self._query_vector(request, collection, _deadline(context))
@@ -270,7 +278,7 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
                             deadline: float | None) -> np.ndarray:
         kind = request.WhichOneof("query")
         if kind == "vector":
-            return _unit_vector(request.vector, collection.dim)
+            return _unit_vector(request.vector, collection.dim, "vector")
         if kind == "id":
             found = await asyncio.to_thread(collection.get, [request.id])
             if request.id not in found:
@@ -312,11 +320,20 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
 
     def _check_count(self, n: int, what: str) -> None:
         if n == 0:
-            raise InvalidArgument(f"{what} is empty")
+            raise InvalidArgument(f"{what} is empty", what)
         if n > self.settings.max_items_per_request:
             raise InvalidArgument(
                 f"{n} {what} in one request, over the limit of "
-                f"{self.settings.max_items_per_request}; send them in batches")
+                f"{self.settings.max_items_per_request}; send them in batches", what)
+
+
+def _status_with_field(code: grpc.StatusCode, message: str, field: str) -> grpc.Status:
+    """A status carrying a google.rpc.BadRequest that names the offending field."""
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=[detail]))
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -326,7 +343,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def _where(request: pb.SearchRequest | pb.CountItemsRequest | pb.ListItemsRequest) -> SqlFilter:
-    return compile_filter(request.filter) if request.HasField("filter") else MATCH_ALL
+    if not request.HasField("filter"):
+        return MATCH_ALL
+    try:
+        return compile_filter(request.filter)
+    except InvalidArgument as exc:
+        exc.field = exc.field or "filter"
+        raise
 
 
 def _encode_page_token(last_id: str) -> str:
@@ -335,9 +358,12 @@ def _encode_page_token(last_id: str) -> str:
 
 def _decode_page_token(token: str) -> str:
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeError):
-        raise InvalidArgument("page_token is not one this server handed out") from None
+        last_id = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+        _check_id(last_id)
+        return last_id
+    except (ValueError, UnicodeError, InvalidArgument):
+        raise InvalidArgument("page_token is not one this server handed out",
+                              "page_token") from None
 
 
 def _check_id(id_: str) -> None:
@@ -349,20 +375,20 @@ def _check_id(id_: str) -> None:
         raise InvalidArgument("item id contains a NUL character")
 
 
-def _unit_vector(vector: pb.Vector, dim: int) -> np.ndarray:
+def _unit_vector(vector: pb.Vector, dim: int, field: str) -> np.ndarray:
     """Decode a wire vector, check it, and scale it to unit length (the index is cosine)."""
     if vector.dim != dim:
-        raise InvalidArgument(f"vector dim is {vector.dim}, the collection's is {dim}")
+        raise InvalidArgument(f"vector dim is {vector.dim}, the collection's is {dim}", field)
     if len(vector.data) != 4 * dim:
         raise InvalidArgument(
             f"vector data is {len(vector.data)} bytes; dim {dim} needs {4 * dim} "
-            "(little-endian float32)")
+            "(little-endian float32)", field)
     values = np.frombuffer(vector.data, dtype="<f4").astype(np.float32)
     if not np.all(np.isfinite(values)):
-        raise InvalidArgument("vector has NaN or infinite values")
+        raise InvalidArgument("vector has NaN or infinite values", field)
     norm = float(np.linalg.norm(values))
     if norm == 0.0 or not math.isfinite(norm):
-        raise InvalidArgument("vector has zero length")
+        raise InvalidArgument("vector has zero length", field)
     return values / norm
 
 
