@@ -379,3 +379,23 @@ def test_filters_count_and_scroll_through_the_api(client: Client) -> None:
             client.search(name, vector=vectors[0], filter=bad)
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert client.count(name) == 250
+
+
+def test_an_upload_whose_deadline_passes_writes_nothing(server: ServerProcess) -> None:
+    import time
+
+    from clipsearch.v1 import clipsearch_pb2 as pb
+    from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+    files = coco_images(128)
+    request = pb.UpsertItemsRequest(
+        collection="deadline", items=[pb.Item(id=f.name, image=f.read_bytes()) for f in files])
+    with grpc.insecure_channel(server.address, options=[
+            ("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.ClipSearchServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.UpsertItems(request, timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(3)  # let whatever the server had started run out
+        count = stub.CountItems(pb.CountItemsRequest(collection="deadline"), timeout=10).count
+        assert count == 0  # decoding 128 photos outlasts the deadline: nothing is written
