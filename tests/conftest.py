@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import pytest
@@ -57,6 +58,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m clipsearch_server` as a child process, started and stopped by tests."""
 
+    started: ClassVar[list[ServerProcess]] = []  # so that a failed test cannot leak a server
+
     def __init__(self, checkpoint: Path, data_dir: Path, *extra: str,
                  env: dict[str, str] | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
@@ -79,6 +82,7 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        ServerProcess.started.append(self)
         self.wait_serving(timeout)
         return self
 
@@ -114,6 +118,15 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_servers() -> Iterator[None]:
+    yield
+    for proc in ServerProcess.started:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
