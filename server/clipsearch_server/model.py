@@ -51,6 +51,7 @@ class ClipModel:
     transform: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
     load_seconds: float = 0.0
+    trim_text: bool = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,7 +61,14 @@ class ClipModel:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 text embeddings, one row per text."""
         tokens = self.tokenizer(texts).to(self.device)
+        if self.trims_text:
+            return self._finish(encode_text_trimmed(self.module, tokens))
         return self._finish(self.module.encode_text(tokens))
+
+    @property
+    def trims_text(self) -> bool:
+        """Whether text runs only up to the batch's longest sequence (see encode_text_trimmed)."""
+        return self.trim_text and supports_text_trimming(self.module)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
@@ -72,6 +80,38 @@ class ClipModel:
     def _finish(features: torch.Tensor) -> np.ndarray:
         features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def supports_text_trimming(module: torch.nn.Module) -> bool:
+    """True for open_clip's CLIP text tower with a causal mask and end-token pooling.
+
+    There, position i only sees positions <= i and the output is read at the end token, so
+    the padding after the longest sequence of a batch cannot change any output.
+    """
+    return (
+        isinstance(module, open_clip.CLIP)
+        and getattr(module, "attn_mask", None) is not None
+        and getattr(module, "text_pool_type", None) == "argmax"
+    )
+
+
+def encode_text_trimmed(module: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text run on the first L positions only, L the longest sequence.
+
+    Short queries (5 words of 77 positions) cost a fraction of the padded pass; the result
+    equals the padded one up to float rounding (tested within 1e-5).
+    """
+    ends = tokens.argmax(dim=-1)  # the end token has the highest id (argmax pooling)
+    length = int(ends.max()) + 1
+    cast_dtype = module.transformer.get_cast_dtype()
+    x = module.token_embedding(tokens[:, :length]).to(cast_dtype)
+    x = x + module.positional_embedding[:length].to(cast_dtype)
+    x = module.transformer(x, attn_mask=module.attn_mask[:length, :length])
+    x = module.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), ends]
+    if isinstance(module.text_projection, torch.nn.Linear):
+        return module.text_projection(x)
+    return x @ module.text_projection
 
 
 def resolve_device(requested: str) -> torch.device:
