@@ -1,4 +1,4 @@
-"""The embedder's overload and deadline behaviour, with the real tiny model in-process."""
+"""The batcher and embedder: cross-request batches, lanes, overload, deadlines, cache."""
 
 from __future__ import annotations
 
@@ -9,11 +9,111 @@ import time
 import numpy as np
 import pytest
 
+from clipsearch_server.batcher import BULK, INTERACTIVE, Batcher
 from clipsearch_server.config import Settings
 from clipsearch_server.embedder import Embedder
 from clipsearch_server.errors import DeadlineExceeded, ResourceExhausted
 from clipsearch_server.model import load_model
 from clipsearch_server.observability import Metrics
+
+
+class FakeModel:
+    """Encodes a text as [len(text), 0, ...]; records batches; can be held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.release.wait(10)
+        self.batches.append(list(texts))
+        out = np.zeros((len(texts), 4), np.float32)
+        out[:, 0] = [len(t) for t in texts]
+        return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_calls_share_a_batch_and_get_their_own_rows() -> None:
+    fake = FakeModel()
+    batcher = Batcher({"text": fake.encode}, max_batch=32, max_wait_s=0.05, max_queued=64)
+
+    async def go() -> list[np.ndarray]:
+        texts = [["x" * (i + 1)] for i in range(20)]
+        return await asyncio.gather(*(batcher.submit("text", t, INTERACTIVE, None)
+                                      for t in texts))
+
+    results = run(go())
+    batcher.close()
+    assert [int(r[0, 0]) for r in results] == list(range(1, 21))
+    assert len(fake.batches) < 20  # gathered across calls
+    assert max(len(b) for b in fake.batches) > 1
+
+
+def test_interactive_lane_goes_before_bulk() -> None:
+    fake = FakeModel()
+    fake.release.clear()
+    batcher = Batcher({"text": fake.encode}, max_batch=2, max_wait_s=0, max_queued=64)
+
+    async def go() -> None:
+        blocker = asyncio.ensure_future(batcher.submit("text", ["hold"], BULK, None))
+        await asyncio.sleep(0.05)  # the worker is now inside encode(["hold"])
+        bulk = [asyncio.ensure_future(batcher.submit("text", [f"b{i}", f"b{i}"], BULK, None))
+                for i in range(3)]
+        await asyncio.sleep(0.01)
+        query = asyncio.ensure_future(batcher.submit("text", ["query"], INTERACTIVE, None))
+        await asyncio.sleep(0.01)
+        fake.release.set()
+        await asyncio.gather(blocker, query, *bulk)
+
+    run(go())
+    batcher.close()
+    assert fake.batches[0] == ["hold"]
+    assert fake.batches[1] == ["query"]  # ahead of the bulk work queued before it
+
+
+def test_expired_work_never_reaches_the_model() -> None:
+    fake = FakeModel()
+    metrics = Metrics()
+    batcher = Batcher({"text": fake.encode}, 8, 0.0, 64, metrics)
+
+    async def go() -> None:
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit("text", ["late"], INTERACTIVE, time.monotonic() - 0.001)
+        await batcher.submit("text", ["on time"], INTERACTIVE, time.monotonic() + 60)
+
+    run(go())
+    batcher.close()
+    assert fake.batches == [["on time"]]
+    assert metrics.registry.get_sample_value(
+        "clipsearch_model_batch_size_count", {"modality": "text"}) == 1
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    fake = FakeModel()
+    fake.release.clear()
+    batcher = Batcher({"text": fake.encode}, 1, 0.0, max_queued=2)
+
+    async def go() -> None:
+        running = asyncio.ensure_future(batcher.submit("text", ["a"], BULK, None))
+        await asyncio.sleep(0.05)  # taken by the worker: no longer queued
+        queued = [asyncio.ensure_future(batcher.submit("text", [t], BULK, None))
+                  for t in ("b", "c")]
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(ResourceExhausted, match="overloaded"):
+            await batcher.submit("text", ["d"], INTERACTIVE, None)
+        assert time.perf_counter() - started < 0.5
+        fake.release.set()
+        await asyncio.gather(running, *queued)
+        await batcher.submit("text", ["e"], INTERACTIVE, None)  # recovered
+
+    run(go())
+    batcher.close()
+    assert [b[0] for b in fake.batches] == ["a", "b", "c", "e"]
 
 
 @pytest.fixture(scope="module")
@@ -22,47 +122,20 @@ def model(tiny_checkpoint):
                                checkpoint=tiny_checkpoint, device="cpu"))
 
 
-def test_expired_work_never_reaches_the_model(model) -> None:
+def test_repeated_query_texts_come_from_the_cache(model) -> None:
     metrics = Metrics()
     embedder = Embedder(model, 8, 10_000_000, 1, metrics=metrics)
-    calls: list[int] = []
 
-    def encode(batch: list[str]) -> np.ndarray:
-        calls.append(len(batch))
-        return model.encode_texts(batch)
+    async def go() -> tuple:
+        first = await embedder.embed_texts(["a dog", "a cat"])
+        second = await embedder.embed_texts(["a cat", "a bird"])
+        return first, second
 
-    async def run() -> None:
-        with pytest.raises(DeadlineExceeded):
-            await embedder._run_model(encode, ["a dog"], "text", time.monotonic() - 0.001)
-        vectors = await embedder._run_model(encode, ["a dog"], "text", time.monotonic() + 60)
-        assert vectors.shape == (1, 64)
-
-    asyncio.run(run())
+    first, second = run(go())
     embedder.close()
-    assert calls == [1]  # only the live call ran
-    assert metrics.registry.get_sample_value(
-        "clipsearch_model_batch_size_count", {"modality": "text"}) == 1
-
-
-def test_a_full_queue_refuses_at_once(model) -> None:
-    embedder = Embedder(model, 8, 10_000_000, 1, max_queued_batches=2)
-    release = threading.Event()
-
-    def slow(batch: list[str]) -> np.ndarray:
-        release.wait(10)
-        return model.encode_texts(batch)
-
-    async def run() -> None:
-        first = asyncio.ensure_future(embedder._run_model(slow, ["a"], "text", None))
-        second = asyncio.ensure_future(embedder._run_model(slow, ["b"], "text", None))
-        await asyncio.sleep(0.05)
-        started = time.perf_counter()
-        with pytest.raises(ResourceExhausted, match="overloaded"):
-            await embedder.embed_texts(["c"])
-        assert time.perf_counter() - started < 0.5
-        release.set()
-        assert (await first).shape == (1, 64) and (await second).shape == (1, 64)
-        assert (await embedder.embed_texts(["c"])).vectors.shape == (1, 64)  # recovered
-
-    asyncio.run(run())
-    embedder.close()
+    np.testing.assert_array_equal(first.vectors[1], second.vectors[0])
+    np.testing.assert_allclose(second.vectors, model.encode_texts(["a cat", "a bird"]),
+                               atol=1e-6)
+    inputs = metrics.registry.get_sample_value(
+        "clipsearch_model_batch_size_sum", {"modality": "text"})
+    assert inputs == 3  # "a cat" was not embedded twice

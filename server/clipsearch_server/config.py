@@ -49,6 +49,8 @@ class Settings:
     log_format: str = "text"
     max_concurrent_rpcs: int = 64
     max_queued_batches: int = 64
+    batch_wait_ms: float = 2.0
+    text_cache_size: int = 4096
     auth_tokens_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -143,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         "calls served at once; more are refused with RESOURCE_EXHAUSTED (bounds memory)")
     opt("--max-queued-batches", int, d.max_queued_batches,
         "model batches waiting at once; more are refused with RESOURCE_EXHAUSTED")
+    opt("--batch-wait-ms", float, d.batch_wait_ms,
+        "how long a model batch that is not full waits for inputs from other calls")
+    opt("--text-cache-size", int, d.text_cache_size,
+        "recent query texts whose embeddings are kept; 0 = no cache")
     path_opt(p, "--auth-tokens-file",
              "file of accepted bearer tokens, one per line; CLIPSEARCH_AUTH_TOKENS adds "
              "comma-separated ones. Without either, calls are not authenticated")
@@ -184,6 +190,8 @@ def validate(s: Settings) -> str | None:
                  "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
         if getattr(s, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
+    if s.batch_wait_ms < 0 or s.text_cache_size < 0:
+        return "--batch-wait-ms and --text-cache-size cannot be negative"
     if s.log_format not in ("text", "json"):
         return f"--log-format must be text or json, not {s.log_format!r}"
     if (s.tls_cert is None) != (s.tls_key is None):

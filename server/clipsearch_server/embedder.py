@@ -1,29 +1,32 @@
 """Texts and encoded images -> unit vectors, with per-item errors, off the event loop.
 
 Image decoding runs in a thread pool (Pillow releases the GIL while decoding and resizing);
-the model runs in one dedicated thread per device so that torch's own threads are not
-oversubscribed and GPU work stays in order. One bad item is reported for that item only.
+the model runs behind the cross-request batcher on its own thread. One bad item is reported
+for that item only. Recent query texts are answered from a small cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import time
-from collections.abc import Callable
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import ClipSearchError, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from .batcher import BULK, INTERACTIVE, Batcher
+from .errors import ClipSearchError, InvalidArgument
 from .model import ClipModel
 from .observability import Metrics
 from .preprocess import ImagePreprocessor
 
 log = logging.getLogger(__name__)
+
+# Calls with at most this many inputs ride the interactive lane unless they are ingest.
+INTERACTIVE_MAX_ITEMS = 8
 
 
 @dataclass
@@ -34,26 +37,45 @@ class Embedded:
     errors: dict[int, ClipSearchError]
 
 
-class Embedder:
-    """Runs preprocessing and the model for the service.
+class TextCache:
+    """A bounded, thread-safe LRU of text -> embedding: repeated queries skip the model."""
 
-    Model batches wait in the model thread's queue; when `max_queued_batches` are already
-    waiting, new work is refused at once with RESOURCE_EXHAUSTED instead of queueing without
-    bound. A batch whose callers' deadline has passed by the time it reaches the model is
-    dropped, not computed.
-    """
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> np.ndarray | None:
+        with self._lock:
+            vector = self._entries.get(text)
+            if vector is not None:
+                self._entries.move_to_end(text)
+            return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._entries[text] = vector
+            self._entries.move_to_end(text)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+class Embedder:
+    """Runs preprocessing and, through the batcher, the model for the service."""
 
     def __init__(self, model: ClipModel, max_batch_size: int, max_image_pixels: int,
                  decode_threads: int, max_queued_batches: int = 64,
-                 metrics: Metrics | None = None, max_text_chars: int = 10_000) -> None:
+                 metrics: Metrics | None = None, max_text_chars: int = 10_000,
+                 batch_wait_s: float = 0.002, text_cache_size: int = 4096) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_text_chars = max_text_chars
-        self.max_queued_batches = max_queued_batches
-        self.metrics = metrics
         self.preprocess = ImagePreprocessor(model.transform, max_image_pixels)
-        self._queued = 0
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="clipsearch-model")
+        self.cache = TextCache(text_cache_size)
+        self.batcher = Batcher({"text": model.encode_texts, "image": model.encode_images},
+                               max_batch_size, batch_wait_s, max_queued_batches, metrics)
         self._decode_pool = ThreadPoolExecutor(decode_threads,
                                                thread_name_prefix="clipsearch-decode")
 
@@ -63,29 +85,38 @@ class Embedder:
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
-        self._model_thread.shutdown(wait=True, cancel_futures=True)
+        self.batcher.close()
 
-    async def embed_texts(self, texts: list[str], deadline: float | None = None) -> Embedded:
+    async def embed_texts(self, texts: list[str], deadline: float | None = None,
+                          bulk: bool = False) -> Embedded:
         """Embed texts; `deadline` is a time.monotonic() after which the work is dropped."""
         errors: dict[int, ClipSearchError] = {}
-        good: list[int] = []
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        todo: list[int] = []
         for i, text in enumerate(texts):
             if not text.strip():
                 errors[i] = InvalidArgument("text is empty")
             elif len(text) > self.max_text_chars:
                 errors[i] = InvalidArgument(
                     f"text is {len(text)} characters, over the limit of {self.max_text_chars}")
+            elif (cached := self.cache.get(text)) is not None:
+                vectors[i] = cached
             else:
-                good.append(i)
-        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(good), self.max_batch_size):
-            rows = good[start:start + self.max_batch_size]
-            vectors[rows] = await self._run_model(
-                self.model.encode_texts, [texts[i] for i in rows], "text", deadline)
+                todo.append(i)
+        lane = self._lane(len(texts), bulk)
+        chunks = [todo[s:s + self.max_batch_size]
+                  for s in range(0, len(todo), self.max_batch_size)]
+        results = await asyncio.gather(*(
+            self.batcher.submit("text", [texts[i] for i in rows], lane, deadline)
+            for rows in chunks))
+        for rows, result in zip(chunks, results, strict=True):
+            vectors[rows] = result
+            for i, vector in zip(rows, result, strict=True):
+                self.cache.put(texts[i], vector)
         return Embedded(vectors, errors)
 
-    async def embed_images(self, images: list[bytes], deadline: float | None = None
-                           ) -> Embedded:
+    async def embed_images(self, images: list[bytes], deadline: float | None = None,
+                           bulk: bool = False) -> Embedded:
         """Decode and embed images; undecodable ones are reported per item."""
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
@@ -94,38 +125,20 @@ class Embedder:
         errors = {i: d for i, d in enumerate(decoded) if isinstance(d, ClipSearchError)}
         good = [i for i, d in enumerate(decoded) if not isinstance(d, ClipSearchError)]
         vectors = np.zeros((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(good), self.max_batch_size):
-            rows = good[start:start + self.max_batch_size]
-            pixels = torch.stack([decoded[i] for i in rows])
-            vectors[rows] = await self._run_model(
-                self.model.encode_images, pixels, "image", deadline)
+        lane = self._lane(len(images), bulk)
+        chunks = [good[s:s + self.max_batch_size]
+                  for s in range(0, len(good), self.max_batch_size)]
+        results = await asyncio.gather(*(
+            self.batcher.submit("image", torch.stack([decoded[i] for i in rows]), lane,
+                                deadline)
+            for rows in chunks))
+        for rows, result in zip(chunks, results, strict=True):
+            vectors[rows] = result
         return Embedded(vectors, errors)
 
-    async def _run_model(self, encode: Callable[[Any], np.ndarray], batch: Any, modality: str,
-                         deadline: float | None) -> np.ndarray:
-        if self._queued >= self.max_queued_batches:
-            raise ResourceExhausted(
-                f"server overloaded: {self._queued} model batches queued; retry later")
-        self._queued += 1
-        self._gauge()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._model_thread, self._encode, encode, batch, modality, deadline)
-        finally:
-            self._queued -= 1
-            self._gauge()
-
-    def _encode(self, encode: Callable[[Any], np.ndarray], batch: Any, modality: str,
-                deadline: float | None) -> np.ndarray:
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded("the call's deadline passed before its batch reached the model")
-        if self.metrics is not None:
-            self.metrics.batch_size.labels(modality).observe(len(batch))
-        return encode(batch)
-
-    def _gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self._queued)
+    @staticmethod
+    def _lane(n: int, bulk: bool) -> str:
+        return BULK if bulk or n > INTERACTIVE_MAX_ITEMS else INTERACTIVE
 
     def _preprocess_one(self, data: bytes) -> torch.Tensor | ClipSearchError:
         try:

@@ -186,8 +186,10 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
             collection.check_model(self.model.fingerprint)
         deadline = _deadline(context)
         for positions, embedded in (
-            ([i for i, _ in images], await self._embed_images([b for _, b in images], deadline)),
-            ([i for i, _ in texts], await self._embed_texts([t for _, t in texts], deadline)),
+            ([i for i, _ in images],
+             await self._embed_images([b for _, b in images], deadline, bulk=True)),
+            ([i for i, _ in texts],
+             await self._embed_texts([t for _, t in texts], deadline, bulk=True)),
         ):
             for row, i in enumerate(positions):
                 if row in embedded.errors:
@@ -308,15 +310,17 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         )
 
     # --- helpers --------------------------------------------------------------------------
-    async def _embed_images(self, images: list[bytes], deadline: float | None) -> Embedded:
+    async def _embed_images(self, images: list[bytes], deadline: float | None,
+                            bulk: bool = False) -> Embedded:
         if not images:
             return Embedded(np.zeros((0, self.model.dim), np.float32), {})
-        return await self.embedder.embed_images(images, deadline)
+        return await self.embedder.embed_images(images, deadline, bulk)
 
-    async def _embed_texts(self, texts: list[str], deadline: float | None) -> Embedded:
+    async def _embed_texts(self, texts: list[str], deadline: float | None,
+                           bulk: bool = False) -> Embedded:
         if not texts:
             return Embedded(np.zeros((0, self.model.dim), np.float32), {})
-        return await self.embedder.embed_texts(texts, deadline)
+        return await self.embedder.embed_texts(texts, deadline, bulk)
 
     def _check_count(self, n: int, what: str) -> None:
         if n == 0:
