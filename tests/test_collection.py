@@ -9,7 +9,7 @@ import pytest
 
 from clipsearch_server.collection import Collections
 from clipsearch_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from clipsearch_server.store import NewItem
+from clipsearch_server.store import NewItem, Store
 
 DIM = 32
 
@@ -155,3 +155,29 @@ def test_churn_triggers_a_rebuild_that_drops_tombstones(tmp_path: Path) -> None:
     reopened = registry(tmp_path).get("churn")
     assert reopened.count() == 1501
     assert reopened.search(vectors[live[7]], 1, 64)[0].id == f"i{live[7]}"
+
+
+def test_reupsert_after_a_delete_leaves_no_stale_copy(tmp_path: Path) -> None:
+    """hnswlib's replace_deleted would hand a freed slot to a label still in the graph."""
+    col = registry(tmp_path).create("stale")
+    v = unit_rows(4, 8)
+    col.upsert([NewItem(n, v[i], {}) for i, n in enumerate("abc")])
+    col.delete(["b"])
+    col.upsert([NewItem("a", v[3], {})])
+    hits = col.search(v[0], 3, 64)
+    assert sorted(h.id for h in hits) == ["a", "c"]
+    assert col.search(v[3], 1, 64)[0].score == pytest.approx(1.0, abs=1e-5)
+    col.delete(["a"])
+    assert [h.id for h in col.search(v[0], 1, 64)] == ["c"]
+
+
+def test_a_create_cut_off_before_its_settings_is_cleaned_up(tmp_path: Path) -> None:
+    reg = registry(tmp_path)
+    reg.create("whole")
+    reg.close_all()
+    half = tmp_path / "collections" / "half"
+    half.mkdir()
+    Store(half / "store.sqlite3").close()  # schema, but the settings never committed
+    reopened = registry(tmp_path)
+    assert reopened.names() == ["whole"]
+    assert not half.exists()

@@ -319,10 +319,13 @@ class Collections:
         for leftover in self.root.glob(".dropped-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         for folder in sorted(self.root.iterdir()):
-            if folder.is_dir() and (folder / STORE_FILE).exists():
+            if not folder.is_dir() or not NAME_PATTERN.match(folder.name):
+                continue
+            if (folder / STORE_FILE).exists() and "dim" in Store.peek_meta(folder / STORE_FILE):
                 self._open[folder.name] = Collection.open(folder)
-            elif folder.is_dir() and NAME_PATTERN.match(folder.name):
-                # a create that crashed before its store was written: nothing was acknowledged
+            else:
+                # a create killed before its settings were committed: it was never acknowledged
+                log.warning("removing %s: its creation never completed", folder.name)
                 shutil.rmtree(folder, ignore_errors=True)
 
     def names(self) -> list[str]:

@@ -102,6 +102,9 @@ class HnswIndex:
         self.lock = ReadWriteLock()
         self.seq = 0  # store sequence number the graph reflects
         self._graph = self._empty(MIN_CAPACITY)
+        # Labels the graph has held. Store labels are never reused, so one of these is either
+        # live (an upsert updates it in place) or deleted for good.
+        self._known: set[int] = set()
         self._ef_cond = threading.Condition()
         self._ef = self._graph.ef
         self._searches = 0
@@ -116,18 +119,30 @@ class HnswIndex:
     def reset(self) -> None:
         self._graph = self._empty(MIN_CAPACITY)
         self._ef = self._graph.ef
+        self._known = set()
         self.seq = 0
 
     def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
-        """Insert new labels and overwrite existing ones; grows capacity as needed."""
+        """Insert new labels and overwrite existing ones; grows capacity as needed.
+
+        Only new labels may take a deleted slot: hnswlib's replace_deleted does not check
+        whether the label already exists, and would leave the old node live beside the new.
+        """
         if len(labels) == 0:
             return
-        needed = self._graph.get_current_count() + len(labels)
-        capacity = self._graph.get_max_elements()
-        if needed > capacity:
-            self._graph.resize_index(max(needed, capacity * 2))
-        self._graph.add_items(np.ascontiguousarray(vectors, dtype=np.float32),
-                              np.asarray(labels, dtype=np.int64), replace_deleted=True)
+        labels = np.asarray(labels, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        old = np.fromiter((int(label) in self._known for label in labels), bool, len(labels))
+        if old.any():
+            self._graph.add_items(vectors[old], labels[old], replace_deleted=False)
+        new = ~old
+        if new.any():
+            needed = self._graph.get_current_count() + int(new.sum())
+            capacity = self._graph.get_max_elements()
+            if needed > capacity:
+                self._graph.resize_index(max(needed, capacity * 2))
+            self._graph.add_items(vectors[new], labels[new], replace_deleted=True)
+            self._known.update(labels[new].tolist())
 
     def delete(self, labels: list[int]) -> None:
         for label in labels:
@@ -156,6 +171,7 @@ class HnswIndex:
     def adopt(self, other: HnswIndex) -> None:
         """Take over another index's graph (a compaction's result); caller holds lock.write()."""
         self._graph, self._ef, self.seq = other._graph, other._graph.ef, other.seq
+        self._known = other._known
 
     def tombstones(self, live: int) -> int:
         """Deleted slots still in the graph (not yet reused by replace_deleted)."""
@@ -226,6 +242,7 @@ class HnswIndex:
             raise SnapshotInvalid(f"hnswlib refused {manifest.file}: {exc}") from None
         self._graph = graph
         self._ef = graph.ef
+        self._known = set(graph.get_ids_list())
         self.m, self.ef_construction, self.seq = manifest.m, manifest.ef_construction, manifest.seq
         return manifest
 

@@ -66,6 +66,17 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
 
+    @staticmethod
+    def peek_meta(path: Path) -> dict[str, str]:
+        """A store's settings, read without opening it for writing (empty if it has none)."""
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError:
+            return {}
+        finally:
+            db.close()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
