@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import open_clip
+import pytest
 import torch
 from PIL import Image
 
 from clipsearch import Client
 from clipsearch_server.catalog import bundled_config_dir
-from conftest import TINY_MODEL, coco_images
+from conftest import TINY_MODEL, ServerProcess, coco_images
 
 TEXTS = [
     "a photo of a dog",
@@ -18,6 +21,15 @@ TEXTS = [
     "x",
     "a very long caption " * 30,  # longer than the 77-token context: truncated like open_clip
 ]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with open_clip's exact preprocessing (no JPEG draft decoding)."""
+    proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("parity") / "data",
+                         "--no-jpeg-draft").start()
+    yield proc
+    assert proc.stop() == 0, proc.log()
 
 
 def _reference(checkpoint):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from clipsearch_server.catalog import bundled_config_dir
 from clipsearch_server.errors import InvalidArgument
-from clipsearch_server.preprocess import ImagePreprocessor, decode_image
+from clipsearch_server.preprocess import DRAFT_OVERSAMPLE, ImagePreprocessor, decode_image
 from conftest import TINY_MODEL, coco_images
 
 LIMIT = 40_000_000
@@ -379,3 +379,29 @@ def test_preprocessor_propagates_invalid_argument(tiny_transform) -> None:
     pre = ImagePreprocessor(tiny_transform, max_pixels=10)
     with pytest.raises(InvalidArgument, match="over the limit"):
         pre(encode(Image.new("RGB", (4, 4)), "PNG"))
+
+
+def test_jpeg_draft_decoding_stays_within_the_stated_tolerance(tiny_transform) -> None:
+    """Tolerance of the fast path on real photos: mean |difference| 0.03 over all of them,
+    0.25 for the worst single photo (normalised units, where the pixel std is 1)."""
+    draft = 64 * DRAFT_OVERSAMPLE  # the tiny model's input is 64 px
+    exact = ImagePreprocessor(tiny_transform, LIMIT)
+    fast = ImagePreprocessor(tiny_transform, LIMIT, draft_size=draft)
+    diffs, reduced = [], 0
+    for path in coco_images():
+        data = path.read_bytes()
+        full_size = decode(data).size
+        drafted = decode_image(data, LIMIT, draft)
+        assert min(drafted.size) >= draft
+        reduced += drafted.size[0] < full_size[0]
+        diffs.append(float((fast(data) - exact(data)).abs().mean()))
+    assert reduced > len(diffs) // 2  # the fast path really ran on most photos
+    assert np.mean(diffs) <= 0.03
+    assert max(diffs) <= 0.25
+
+
+def test_small_jpegs_and_other_formats_are_decoded_in_full() -> None:
+    photo = upright_rgb_photo().read_bytes()
+    assert decode_image(photo, LIMIT, draft_size=400).size == decode(photo).size
+    png = encode(Image.new("RGB", (1200, 900), (10, 200, 30)), "PNG")
+    assert decode_image(png, LIMIT, draft_size=64).size == (1200, 900)

@@ -119,7 +119,8 @@ async def serve(settings: Settings) -> int:
     embedder = Embedder(model, settings.max_batch_size, settings.max_image_pixels,
                         settings.decode_threads, settings.max_queued_batches, metrics,
                         batch_wait_s=settings.batch_wait_ms / 1000,
-                        text_cache_size=settings.text_cache_size)
+                        text_cache_size=settings.text_cache_size,
+                        jpeg_draft=settings.jpeg_draft)
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)

@@ -51,6 +51,7 @@ class Settings:
     max_queued_batches: int = 64
     batch_wait_ms: float = 2.0
     text_cache_size: int = 4096
+    jpeg_draft: bool = True
     auth_tokens_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "how long a model batch that is not full waits for inputs from other calls")
     opt("--text-cache-size", int, d.text_cache_size,
         "recent query texts whose embeddings are kept; 0 = no cache")
+    env_draft = _env("jpeg_draft")
+    p.add_argument("--jpeg-draft", action=argparse.BooleanOptionalAction,
+                   default=d.jpeg_draft if env_draft is None else _env_bool("jpeg_draft"),
+                   help="decode large JPEGs at a reduced scale (within a tested tolerance of "
+                   "the full decode); --no-jpeg-draft for open_clip's exact preprocessing "
+                   "(env CLIPSEARCH_JPEG_DRAFT)")
     path_opt(p, "--auth-tokens-file",
              "file of accepted bearer tokens, one per line; CLIPSEARCH_AUTH_TOKENS adds "
              "comma-separated ones. Without either, calls are not authenticated")

@@ -21,7 +21,7 @@ from .batcher import BULK, INTERACTIVE, Batcher
 from .errors import ClipSearchError, InvalidArgument
 from .model import ClipModel
 from .observability import Metrics
-from .preprocess import ImagePreprocessor
+from .preprocess import DRAFT_OVERSAMPLE, ImagePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,13 @@ class Embedder:
     def __init__(self, model: ClipModel, max_batch_size: int, max_image_pixels: int,
                  decode_threads: int, max_queued_batches: int = 64,
                  metrics: Metrics | None = None, max_text_chars: int = 10_000,
-                 batch_wait_s: float = 0.002, text_cache_size: int = 4096) -> None:
+                 batch_wait_s: float = 0.002, text_cache_size: int = 4096,
+                 jpeg_draft: bool = True) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_text_chars = max_text_chars
-        self.preprocess = ImagePreprocessor(model.transform, max_image_pixels)
+        draft = model.image_size * DRAFT_OVERSAMPLE if jpeg_draft else None
+        self.preprocess = ImagePreprocessor(model.transform, max_image_pixels, draft)
         self.cache = TextCache(text_cache_size)
         self.batcher = Batcher({"text": model.encode_texts, "image": model.encode_images},
                                max_batch_size, batch_wait_s, max_queued_batches, metrics)
