@@ -392,3 +392,18 @@ def test_invalid_environment_value_is_a_usage_error(
         parse_settings([])
     assert info.value.code == 2
     assert "--precision must be fp32, fp16 or bf16" in capsys.readouterr().err
+
+
+def test_channels_last_and_compile_keep_the_embeddings(tiny_checkpoint) -> None:
+    """GPU-minded options, exercised on the CPU: same vectors within float tolerance."""
+    plain = load_model(Settings(model="clipsearch-tiny", pretrained=None,
+                                checkpoint=tiny_checkpoint, device="cpu"))
+    tuned = load_model(Settings(model="clipsearch-tiny", pretrained=None,
+                                checkpoint=tiny_checkpoint, device="cpu",
+                                channels_last="on", compile=True))
+    assert tuned.channels_last and tuned.compiled and not plain.channels_last
+    pixels = torch.randn(3, 3, 64, 64)
+    texts = ["a dog", "two people riding horses on a beach"]
+    np.testing.assert_allclose(tuned.encode_images(pixels), plain.encode_images(pixels),
+                               atol=1e-5)
+    np.testing.assert_allclose(tuned.encode_texts(texts), plain.encode_texts(texts), atol=1e-5)

@@ -52,15 +52,32 @@ class ClipModel:
     tokenizer: Callable[[list[str]], torch.Tensor]
     load_seconds: float = 0.0
     trim_text: bool = True
+    channels_last: bool = False
+    compiled: bool = False
+
+    def __post_init__(self) -> None:
+        self._image_forward: Callable[[torch.Tensor], torch.Tensor] = self.module.encode_image
+        self._text_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return _PRECISIONS[self.precision]
 
+    def compile(self) -> None:
+        """torch.compile both towers (dynamic shapes: batch sizes and trimmed lengths vary)."""
+        module = self.module
+        text = ((lambda tokens: encode_text_trimmed(module, tokens)) if self.trims_text
+                else module.encode_text)
+        self._text_forward = torch.compile(text, dynamic=True)
+        self._image_forward = torch.compile(module.encode_image, dynamic=True)
+        self.compiled = True
+
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 text embeddings, one row per text."""
-        tokens = self.tokenizer(texts).to(self.device)
+        tokens = self.tokenizer(texts).to(self.device, non_blocking=True)
+        if self._text_forward is not None:
+            return self._finish(self._text_forward(tokens))
         if self.trims_text:
             return self._finish(encode_text_trimmed(self.module, tokens))
         return self._finish(self.module.encode_text(tokens))
@@ -73,8 +90,12 @@ class ClipModel:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """Unit-length float32 image embeddings for a batch of preprocessed images."""
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        return self._finish(self.module.encode_image(pixels))
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return self._finish(self._image_forward(pixels))
 
     @staticmethod
     def _finish(features: torch.Tensor) -> np.ndarray:
@@ -219,6 +240,12 @@ def load_model(settings: Settings) -> ClipModel:
         transform=transform,
         tokenizer=tokenizer,
     )
+    if settings.channels_last == "on" or (settings.channels_last == "auto"
+                                          and device.type == "cuda"):
+        module.visual.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if settings.compile:
+        model.compile()
     model.load_seconds = time.perf_counter() - started
     return model
 
