@@ -103,7 +103,18 @@ def test_deep_or_huge_filters_are_refused() -> None:
 
 def test_values_are_bound_not_pasted(store: Store) -> None:
     assert matches(store, {"album": "x' OR 1=1 --"}) == set()
-    assert matches(store, {'al"bum': 1}) == set()
+    assert matches(store, {"al'bum": 1}) == set()
+    for key in ('al"bum', "al\x00bum", "a\nb"):  # JSON paths cannot express these keys
+        with pytest.raises(InvalidArgument, match="double quote or a control"):
+            matches(store, {key: 1})
+
+
+def test_one_of_takes_its_full_value_budget(store: Store) -> None:
+    many = [f"v{i}" for i in range(1000)] + ["2024", True, False, None]
+    assert matches(store, {"album": {"$in": many}}) == {"a", "c"}
+    assert matches(store, {"fav": {"$in": [True, False]}}) == {"a", "b"}
+    with pytest.raises(InvalidArgument, match="values"):
+        matches(store, {"$or": [{"album": {"$in": many[:600]}}, {"x": {"$in": many[:600]}}]})
 
 
 @pytest.mark.parametrize("selectivity", [0.001, 0.05, 0.6])

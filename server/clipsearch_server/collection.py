@@ -332,6 +332,11 @@ class Collections:
         with self._lock:
             return sorted(self._open)
 
+    def find(self, name: str) -> Collection | None:
+        """The open collection of that name, or None."""
+        with self._lock:
+            return self._open.get(name)
+
     def get(self, name: str) -> Collection:
         with self._lock:
             collection = self._open.get(name)

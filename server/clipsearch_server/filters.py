@@ -20,6 +20,7 @@ from .errors import InvalidArgument
 MAX_DEPTH = 16
 MAX_NODES = 256
 MAX_KEY_CHARS = 256
+# Values across the whole tree: bounds the SQL a filter becomes and the time to prepare it.
 MAX_VALUES = 1024
 _NUMBER = "type IN ('integer', 'real')"
 # Seconds since the epoch of a JSON number, or of an ISO 8601 text (NULL when unparsable).
@@ -45,7 +46,7 @@ def compile_filter(tree: pb.Filter | None) -> SqlFilter:
     if tree is None or tree.WhichOneof("kind") is None:
         return MATCH_ALL
     params: list = []
-    budget = [MAX_NODES]
+    budget = [MAX_NODES, MAX_VALUES]  # nodes left, values left
     where = _node(tree, params, depth=0, budget=budget)
     return SqlFilter(where, tuple(params))
 
@@ -58,6 +59,9 @@ def _node(f: pb.Filter, params: list, depth: int, budget: list[int]) -> str:
         raise InvalidArgument(f"filter is nested deeper than {MAX_DEPTH} levels")
     kind = f.WhichOneof("kind")
     if kind == "field":
+        budget[1] -= len(f.field.one_of.values) if f.field.HasField("one_of") else 1
+        if budget[1] < 0:
+            raise InvalidArgument(f"filter has more than {MAX_VALUES} values in all")
         return _field(f.field, params)
     if kind in ("all_of", "any_of", "none_of"):
         children = getattr(f, kind).filters
@@ -84,7 +88,7 @@ def _field(f: pb.FieldFilter, params: list) -> str:
         values = f.one_of.values
         if not values or len(values) > MAX_VALUES:
             raise InvalidArgument(f"one_of of {f.key!r} needs 1 to {MAX_VALUES} values")
-        test = "(" + " OR ".join(_equals(v, params) for v in values) + ")"
+        test = _one_of(values, params)
     elif condition == "range":
         test = _bounds(f.range, _NUMBER + " AND value", params, _number, f.key)
     elif condition == "time_range":
@@ -97,10 +101,13 @@ def _field(f: pb.FieldFilter, params: list) -> str:
 def _json_path(key: str) -> str:
     if not key or len(key) > MAX_KEY_CHARS:
         raise InvalidArgument(f"filter key must be 1 to {MAX_KEY_CHARS} characters")
+    if '"' in key or not key.isprintable():
+        # SQLite's JSON paths have no escape for a double quote inside a quoted label
+        raise InvalidArgument(f"filter key {key!r} has a double quote or a control character")
     parts = key.split(".")
     if any(not p for p in parts):
         raise InvalidArgument(f"filter key {key!r} has an empty part")
-    return "$" + "".join('."' + p.replace('"', '""') + '"' for p in parts)
+    return "$" + "".join(f'."{p}"' for p in parts)
 
 
 def _equals(value: struct_pb2.Value, params: list) -> str:
@@ -116,6 +123,24 @@ def _equals(value: struct_pb2.Value, params: list) -> str:
     if kind == "null_value":
         return "(type = 'null')"
     raise InvalidArgument("equals and one_of take strings, numbers, bools or null")
+
+
+def _one_of(values, params: list) -> str:
+    """Membership as SQL IN lists, one per JSON type: a flat expression however many values."""
+    strings = [v.string_value for v in values if v.WhichOneof("kind") == "string_value"]
+    numbers = [_number(v.number_value, "one_of") for v in values
+               if v.WhichOneof("kind") == "number_value"]
+    tests = []
+    if strings:
+        params.extend(strings)
+        tests.append(f"(type = 'text' AND value IN ({', '.join('?' * len(strings))}))")
+    if numbers:
+        params.extend(numbers)
+        tests.append(f"({_NUMBER} AND value IN ({', '.join('?' * len(numbers))}))")
+    others = {(v.WhichOneof("kind"), v.bool_value): v for v in values
+              if v.WhichOneof("kind") not in ("string_value", "number_value")}
+    tests.extend(_equals(v, params) for v in others.values())
+    return "(" + " OR ".join(tests) + ")"
 
 
 def _bounds(rng, expr: str, params: list, convert, key: str) -> str:

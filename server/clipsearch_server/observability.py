@@ -2,7 +2,9 @@
 
 One interceptor times every call and counts it by method and status code; it also gives each
 call a request id (the client's `x-request-id` metadata, or a new one), sends it back in the
-trailing metadata, and makes it appear on every log line written while the call runs.
+trailing metadata, and makes it appear on every log line written while the call runs. As it
+rebuilds each handler anyway, it also turns a request that cannot be decoded (nested past
+protobuf's recursion limit, malformed) into INVALID_ARGUMENT instead of grpc's UNKNOWN.
 """
 
 from __future__ import annotations
@@ -81,7 +83,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         given = dict(details.invocation_metadata or ()).get("x-request-id", "")
         behavior = handler.unary_unary
+        decode = handler.request_deserializer
         metrics = self.metrics
+
+        def safe_decode(data: bytes) -> Any:
+            try:
+                return decode(data) if decode is not None else data
+            except Exception as exc:  # DecodeError, or RecursionError-like limits
+                return _Undecodable(str(exc) or type(exc).__name__)
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             rid = given[:64] if given.isprintable() and given else uuid.uuid4().hex[:16]
@@ -91,6 +100,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             metrics.in_flight.inc()
             code = "OK"
             try:
+                if isinstance(request, _Undecodable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request could not be decoded ({request.reason}); is it nested "
+                        "too deeply (metadata or filters past 100 levels)?")
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = _code_name(context)
@@ -104,8 +118,15 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 metrics.latency.labels(method).observe(time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
-            observed, request_deserializer=handler.request_deserializer,
+            observed, request_deserializer=safe_decode,
             response_serializer=handler.response_serializer)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not decode."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:

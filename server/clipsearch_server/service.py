@@ -26,7 +26,7 @@ from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
 from . import __version__
-from .collection import Collection, CollectionInfo, Collections
+from .collection import Collection, CollectionInfo, Collections, check_name
 from .config import Settings
 from .embedder import Embedded, Embedder
 from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
@@ -160,8 +160,11 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context: Ctx
                           ) -> pb.UpsertItemsResponse:
         self._check_count(len(request.items), "items")
-        collection = await asyncio.to_thread(
-            self.collections.create, request.collection, 0, 0, True)
+        check_name(request.collection)
+        # Created on first write, but only once something is written: a request whose items
+        # are all refused changes nothing.
+        existing = self.collections.find(request.collection)
+        dim = existing.dim if existing is not None else self.model.dim
         errors: dict[int, ClipSearchError] = {}
         vectors: dict[int, np.ndarray] = {}
         metadata: dict[int, dict] = {}
@@ -177,13 +180,13 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
                 elif kind == "text":
                     texts.append((i, item.text))
                 elif kind == "vector":
-                    vectors[i] = _unit_vector(item.vector, collection.dim, f"items[{i}].vector")
+                    vectors[i] = _unit_vector(item.vector, dim, f"items[{i}].vector")
                 else:
                     raise InvalidArgument("item has no content: set image, text or vector")
             except ClipSearchError as exc:
                 errors[i] = exc
-        if images or texts:
-            collection.check_model(self.model.fingerprint)
+        if (images or texts) and existing is not None:
+            existing.check_model(self.model.fingerprint)
         deadline = _deadline(context)
         for positions, embedded in (
             ([i for i, _ in images],
@@ -198,7 +201,11 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
                     vectors[i] = embedded.vectors[row]
         new_items = [NewItem(request.items[i].id, vectors[i], metadata[i])
                      for i in sorted(vectors) if i not in errors]
-        written = await asyncio.to_thread(collection.upsert, new_items)
+        written = 0
+        if new_items:
+            collection = existing or await asyncio.to_thread(
+                self.collections.create, request.collection, 0, 0, True)
+            written = await asyncio.to_thread(collection.upsert, new_items)
         return pb.UpsertItemsResponse(
             upserted=written,
             errors=[pb.ItemError(index=i, code=grpc.StatusCode[e.code_name].value[0],
@@ -397,8 +404,8 @@ def _unit_vector(vector: pb.Vector, dim: int, field: str) -> np.ndarray:
 
 
 def _metadata_dict(metadata: struct_pb2.Struct) -> dict:
-    value = json_format.MessageToDict(metadata)
     try:
+        value = json_format.MessageToDict(metadata)
         size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
     except ValueError:
         raise InvalidArgument("metadata has a NaN or infinite number") from None
