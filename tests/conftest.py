@@ -34,19 +34,22 @@ def coco_images(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def save_tiny_checkpoint(path: Path, seed: int) -> Path:
+    """open_clip's CLIP built from the tiny config with seeded random weights, saved."""
     import open_clip
     import torch
 
     from clipsearch_server.catalog import bundled_config_dir
 
     open_clip.add_model_config(bundled_config_dir())
-    torch.manual_seed(1234)
-    model = open_clip.create_model(TINY_MODEL)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(model.state_dict(), path)
+    torch.manual_seed(seed)
+    torch.save(open_clip.create_model(TINY_MODEL).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", 1234)
 
 
 def free_port() -> int:

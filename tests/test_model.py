@@ -22,7 +22,7 @@ import torch
 from clipsearch_server import catalog, config
 from clipsearch_server.config import Settings, parse_settings
 from clipsearch_server.model import ClipModel, ModelLoadError, load_model
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, save_tiny_checkpoint
 
 TEXTS = ["a photo of a dog", "two people riding horses on a beach", "x", "long caption " * 40]
 
@@ -41,12 +41,7 @@ def tiny(tiny_checkpoint: Path) -> ClipModel:
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture as `tiny_checkpoint`, different (seeded) weights."""
-    open_clip.add_model_config(catalog.bundled_config_dir())
-    torch.manual_seed(4321)
-    model = open_clip.create_model(TINY_MODEL)
-    path = tmp_path_factory.mktemp("weights-2") / "tiny-2.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("weights-2") / "tiny-2.pt", 4321)
 
 
 # --- catalog --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from clipsearch import BatchError, Client, ClipSearchError
-from conftest import ServerProcess, coco_images
+from conftest import ServerProcess, coco_images, save_tiny_checkpoint
 
 
 def unique(prefix: str) -> str:
@@ -289,12 +289,7 @@ def test_acknowledged_writes_survive_sigkill(tiny_checkpoint, tmp_path) -> None:
 
 
 def test_a_collection_refuses_embeddings_from_another_model(tiny_checkpoint, tmp_path) -> None:
-    import open_clip
-    import torch
-
-    torch.manual_seed(99)
-    other = tmp_path / "other.pt"
-    torch.save(open_clip.create_model("clipsearch-tiny").state_dict(), other)
+    other = save_tiny_checkpoint(tmp_path / "other.pt", 99)
     data = tmp_path / "data"
     first = ServerProcess(tiny_checkpoint, data).start()
     with Client(first.address) as c:
@@ -397,5 +392,8 @@ def test_an_upload_whose_deadline_passes_writes_nothing(server: ServerProcess) -
             stub.UpsertItems(request, timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(3)  # let whatever the server had started run out
-        count = stub.CountItems(pb.CountItemsRequest(collection="deadline"), timeout=10).count
-        assert count == 0  # decoding 128 photos outlasts the deadline: nothing is written
+        # Decoding 128 photos outlasts the deadline: nothing is written, not even the
+        # collection that the first write would have created.
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.CountItems(pb.CountItemsRequest(collection="deadline"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -426,12 +426,7 @@ class Client:
 
         Raises BatchError if some texts failed; its ``vectors`` has NaN rows for them.
         """
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not one string")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} must be a str, got {type(text).__name__}")
+        texts = _strings(texts, "texts", "text")
         return self._embed(
             [t.encode("utf-8") for t in texts],
             lambda batch: self._call("EmbedTexts", pb.EmbedTextsRequest(texts=batch)),
@@ -554,12 +549,7 @@ class Client:
         ]
         if len(given) != 1:
             raise ValueError(f"give exactly one of images, texts or vectors (got {given or 0})")
-        if isinstance(ids, str):
-            raise TypeError("ids must be a sequence of strings, not one string")
-        ids = list(ids)
-        for i, id_ in enumerate(ids):
-            if not isinstance(id_, str):
-                raise TypeError(f"id {i} must be a str, got {type(id_).__name__}")
+        ids = _strings(ids, "ids", "id")
         n = len(ids)
 
         contents: Iterable[Callable[[pb.Item], None]]
@@ -794,6 +784,17 @@ def _field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
             detail.Unpack(bad)
             violations.extend((v.field, v.description) for v in bad.field_violations)
     return violations
+
+
+def _strings(values: Sequence[str], name: str, each: str) -> list[str]:
+    """A list of str, or a TypeError naming the argument (one str is a common slip)."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a sequence of strings, not one string")
+    values = list(values)
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(f"{each} {i} must be a str, got {type(value).__name__}")
+    return values
 
 
 def _read(path: str | os.PathLike[str] | None) -> bytes | None:
