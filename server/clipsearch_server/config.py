@@ -37,7 +37,7 @@ class Settings:
     max_items_per_request: int = 4096
     max_k: int = 1000
     default_ef: int = 64
-    default_ef_text: int = 128
+    default_ef_text: int = 192
     max_ef: int = 4096
     max_image_pixels: int = 40_000_000
     decode_threads: int = 4
