@@ -36,8 +36,10 @@ STORE_FILE = "store.sqlite3"
 # build exceed this share of its items (and this minimum): churn degrades an HNSW graph.
 COMPACT_CHURN_RATIO = 0.5
 COMPACT_CHURN_MIN = 1000
-# Filtered searches matching at most this many items score them exactly (see bench/).
-EXACT_SEARCH_MAX = 20_000
+# Filtered searches matching at most this many items score them exactly; more walk the graph
+# with the filter. Measured at 100k x 512 (bench/RESULTS.md): the graph path costs 50-125 ms
+# below 5 % selectivity, the exact path about 13 us per matching item read from SQLite.
+EXACT_SEARCH_MAX = 4_000
 MAX_BOOSTED_EF = 8192
 
 
@@ -267,7 +269,7 @@ class Collection:
 
     def _exact_search(self, vector: np.ndarray, k: int, labels: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
-        scores = self.index.vectors(labels) @ vector
+        scores = self.store.vectors_for(labels) @ vector
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
         return labels[top], scores[top]

@@ -162,12 +162,6 @@ class HnswIndex:
                                                       filter=keep)
         return labels[0].astype(np.int64), 1.0 - distances[0]
 
-    def vectors(self, labels: np.ndarray) -> np.ndarray:
-        """The stored vectors of live labels, one row each."""
-        if len(labels) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return self._graph.get_items(labels, return_type="numpy").astype(np.float32, copy=False)
-
     def adopt(self, other: HnswIndex) -> None:
         """Take over another index's graph (a compaction's result); caller holds lock.write()."""
         self._graph, self._ef, self.seq = other._graph, other._graph.ef, other.seq

@@ -27,10 +27,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     label INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
-    vector BLOB NOT NULL,
     metadata TEXT NOT NULL,
     seq INTEGER NOT NULL
 );
+-- Vectors live apart from metadata so that a filter's full scan reads metadata pages only.
+CREATE TABLE IF NOT EXISTS vectors (label INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS items_by_seq ON items (seq);
 CREATE TABLE IF NOT EXISTS deletions (label INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 """
@@ -129,10 +130,15 @@ class Store:
                 else:
                     label = row[0]
                 self._db.execute(
-                    "INSERT INTO items(label, id, vector, metadata, seq) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT(label) DO UPDATE SET vector = excluded.vector, "
-                    "metadata = excluded.metadata, seq = excluded.seq",
-                    (label, item.id, _vector_bytes(item.vector), _dump(item.metadata), seq),
+                    "INSERT INTO items(label, id, metadata, seq) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(label) DO UPDATE SET metadata = excluded.metadata, "
+                    "seq = excluded.seq",
+                    (label, item.id, _dump(item.metadata), seq),
+                )
+                self._db.execute(
+                    "INSERT INTO vectors(label, vector) VALUES (?, ?) "
+                    "ON CONFLICT(label) DO UPDATE SET vector = excluded.vector",
+                    (label, _vector_bytes(item.vector)),
                 )
                 labels.append(label)
             self._set_meta_int("seq", seq)
@@ -154,6 +160,7 @@ class Store:
                 return seq, []
             seq += 1
             self._db.executemany("DELETE FROM items WHERE label = ?", [(lb,) for lb in labels])
+            self._db.executemany("DELETE FROM vectors WHERE label = ?", [(lb,) for lb in labels])
             self._db.executemany(
                 "INSERT OR REPLACE INTO deletions(label, seq) VALUES (?, ?)",
                 [(lb, seq) for lb in labels],
@@ -173,26 +180,38 @@ class Store:
             return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
     def get_by_ids(self, ids: list[str]) -> dict[str, Record]:
-        with self._lock:
-            found: dict[str, Record] = {}
-            for id_ in ids:
-                row = self._db.execute(
-                    "SELECT id, label, vector, metadata FROM items WHERE id = ?", (id_,)
-                ).fetchone()
-                if row is not None:
-                    found[id_] = _record(row)
-            return found
+        found: dict[str, Record] = {}
+        for chunk in _chunks(list(dict.fromkeys(ids))):
+            with self._lock:
+                rows = self._db.execute(
+                    f"{_RECORD_SELECT} WHERE items.id IN ({_marks(chunk)})", chunk).fetchall()
+            found.update((row[0], _record(row)) for row in rows)
+        return found
 
     def get_by_labels(self, labels: list[int]) -> dict[int, Record]:
-        with self._lock:
-            found: dict[int, Record] = {}
-            for label in labels:
-                row = self._db.execute(
-                    "SELECT id, label, vector, metadata FROM items WHERE label = ?", (label,)
-                ).fetchone()
-                if row is not None:
-                    found[label] = _record(row)
-            return found
+        found: dict[int, Record] = {}
+        for chunk in _chunks(labels):
+            with self._lock:
+                rows = self._db.execute(
+                    f"{_RECORD_SELECT} WHERE items.label IN ({_marks(chunk)})", chunk).fetchall()
+            found.update((row[1], _record(row)) for row in rows)
+        return found
+
+    def vectors_for(self, labels: np.ndarray) -> np.ndarray:
+        """The vectors of these labels, one row each in the same order."""
+        out = np.empty((len(labels), 0), dtype=np.float32)
+        position = {int(label): i for i, label in enumerate(labels.tolist())}
+        for chunk in _chunks(labels.tolist()):
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT label, vector FROM vectors WHERE label IN ({_marks(chunk)})",
+                    chunk).fetchall()
+            for label, blob in rows:
+                row = np.frombuffer(blob, dtype="<f4")
+                if out.shape[1] == 0:
+                    out = np.empty((len(labels), len(row)), dtype=np.float32)
+                out[position[label]] = row
+        return out
 
     def labels_matching(self, where: SqlFilter) -> np.ndarray:
         """Labels of the items a filter matches, ascending."""
@@ -214,7 +233,7 @@ class Store:
             cond, params = f"({cond}) AND id > ?", (*params, after_id)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id, label, vector, metadata FROM items WHERE {cond} ORDER BY id LIMIT ?",
+                f"{_RECORD_SELECT} WHERE {cond} ORDER BY items.id LIMIT ?",
                 (*params, limit)).fetchall()
         return [_record(r) for r in rows]
 
@@ -224,8 +243,8 @@ class Store:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT label, vector FROM items WHERE seq > ? AND label > ? "
-                    "ORDER BY label LIMIT ?",
+                    "SELECT items.label, vectors.vector FROM items JOIN vectors USING (label) "
+                    "WHERE items.seq > ? AND items.label > ? ORDER BY items.label LIMIT ?",
                     (seq, last, chunk),
                 ).fetchall()
             if not rows:
@@ -238,6 +257,20 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT label FROM deletions WHERE seq > ?", (seq,))
             return [r[0] for r in rows.fetchall()]
+
+
+_RECORD_SELECT = ("SELECT items.id, items.label, vectors.vector, items.metadata "
+                  "FROM items JOIN vectors USING (label)")
+_CHUNK = 500  # under SQLite's limit on bound parameters
+
+
+def _chunks(values: list) -> Iterator[list]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start:start + _CHUNK]
+
+
+def _marks(values: list) -> str:
+    return ", ".join("?" * len(values))
 
 
 def _vector_bytes(vector: np.ndarray) -> bytes:
