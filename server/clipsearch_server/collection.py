@@ -5,7 +5,10 @@ Lock discipline (one collection):
   same change to the graph, so the graph never runs ahead of the store and never lags it
   while the lock is free;
 * searches take the read lock and may run together;
-* a snapshot takes the write lock for the save (hnswlib's save holds the GIL anyway).
+* a snapshot takes the write lock for the save (hnswlib's save holds the GIL anyway);
+* a compaction builds a fresh graph without the lock from a consistent read of the store,
+  then replays the writes that landed meanwhile and swaps graphs under the write lock;
+* one snapshot or compaction runs at a time per collection (`_maintenance`).
 A write acknowledged to a client is in the store; the graph is rebuilt from the store at start
 where a snapshot is missing, damaged, or older than the store.
 """
