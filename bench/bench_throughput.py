@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--quick", action="store_true", help="a few seconds per table")
     parser.add_argument("--seconds", type=float, default=20.0, help="per text measurement")
+    parser.add_argument("--tables", default="text,images,search",
+                        help="which tables to measure (comma-separated)")
     parser.add_argument("--server-args", default="--text-cache-size 0",
                         help="extra flags for the server (default: no query cache)")
     args = parser.parse_args(argv)
@@ -239,13 +241,17 @@ def main(argv: list[str] | None = None) -> None:
         try:
             baseline = Baseline(args.model)
             dim = client_for(0).info().dim
-            section("Text queries (one short query per call)",
-                    text_table(client_for, baseline, seconds, [1, 8, 32]))
-            section("Image ingest, coco128 JPEGs, bytes to indexed",
-                    image_table(client_for(0), baseline, files, dim))
+            tables = args.tables.split(",")
+            if "text" in tables:
+                section("Text queries (one short query per call)",
+                        text_table(client_for, baseline, seconds, [1, 8, 32]))
+            if "images" in tables:
+                section("Image ingest, coco128 JPEGs, bytes to indexed",
+                        image_table(client_for(0), baseline, files, dim))
             del baseline
-            section(f"Search latency, {n:,} vectors, k=10, one client",
-                    search_table(client_for(0), n, dim, 300 if args.quick else 2000))
+            if "search" in tables:
+                section(f"Search latency, {n:,} vectors, k=10, one client",
+                        search_table(client_for(0), n, dim, 300 if args.quick else 2000))
         finally:
             for c in clients.values():
                 c.close()

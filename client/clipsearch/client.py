@@ -13,9 +13,11 @@ dicts).
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -334,7 +336,8 @@ class Client:
     """A connection to a clipsearch server.
 
     Use it as a context manager, or call ``close()``. ``timeout`` applies to each RPC
-    (a batched call makes several).
+    (a batched call makes several). Uploads keep `pipeline` requests in flight so that the
+    server decodes one batch while its model runs the previous one.
 
     Security: ``token`` is sent as ``authorization: Bearer <token>`` on every call.
     ``tls=True`` connects over TLS checked against the system's roots, or against
@@ -356,9 +359,13 @@ class Client:
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
+        pipeline: int = 2,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if pipeline < 1:
+            raise ValueError("pipeline must be at least 1")
+        self.pipeline = pipeline
         if max_message_bytes < 2 * _REQUEST_OVERHEAD:
             raise ValueError(f"max_message_bytes must be at least {2 * _REQUEST_OVERHEAD}")
         self.target = target
@@ -594,7 +601,22 @@ class Client:
 
         written = 0
         failures: list[ItemFailure] = []
-        with tqdm(total=n, unit="item", disable=not progress) as bar:
+        # Keep `pipeline` requests in flight: the server decodes one batch while the model
+        # runs the previous one, instead of idling between round trips.
+        in_flight: collections.deque[tuple[Future, list, int]] = collections.deque()
+
+        def finish_oldest() -> None:
+            nonlocal written
+            future, sendable, count = in_flight.popleft()
+            if sendable:
+                response = future.result()
+                written += response.upserted
+                failures.extend(_item_failures(response.errors, sendable))
+            bar.update(count)
+
+        with tqdm(total=n, unit="item", disable=not progress) as bar, ThreadPoolExecutor(
+            self.pipeline, thread_name_prefix="clipsearch-upload"
+        ) as pool:
             for batch in iter_batches(
                 items(), pb.Item.ByteSize, max_items=self.batch_size, max_bytes=self._batch_bytes
             ):
@@ -605,14 +627,17 @@ class Client:
                         failures.append(_too_large(index, size, self._item_limit))
                     else:
                         sendable.append((index, item))
+                future: Future = Future()
                 if sendable:
                     request = pb.UpsertItemsRequest(
                         collection=collection, items=[item for _, item in sendable]
                     )
-                    response = self._call("UpsertItems", request)
-                    written += response.upserted
-                    failures.extend(_item_failures(response.errors, sendable))
-                bar.update(len(batch))
+                    future = pool.submit(self._call, "UpsertItems", request)
+                in_flight.append((future, sendable, len(batch)))
+                if len(in_flight) >= self.pipeline:
+                    finish_oldest()
+            while in_flight:
+                finish_oldest()
         if failures:
             failures.sort(key=lambda f: f.index)
             raise BatchError(failures, n, upserted=written)

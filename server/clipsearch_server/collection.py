@@ -40,9 +40,9 @@ STORE_FILE = "store.sqlite3"
 COMPACT_CHURN_RATIO = 0.5
 COMPACT_CHURN_MIN = 1000
 # Filtered searches matching at most this many items score them exactly; more walk the graph
-# with the filter. Measured at 100k x 512 (bench/RESULTS.md): the graph path costs 50-125 ms
-# below 5 % selectivity, the exact path about 13 us per matching item read from SQLite.
-EXACT_SEARCH_MAX = 4_000
+# with the filter. Measured at 100k x 512 (bench/RESULTS.md): the graph path costs 50-130 ms
+# up to 5 % selectivity, the exact path 4-7 us per matching item; they cross near 8,000.
+EXACT_SEARCH_MAX = 8_000
 MAX_BOOSTED_EF = 8192
 
 
