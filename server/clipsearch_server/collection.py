@@ -208,17 +208,15 @@ class Collection:
             self.check_vector(item.vector)
         with self.index.lock.write():
             self._check_open()
-            before = len({i.id for i in items})
-            existing = len(self.store.get_by_ids([i.id for i in items]))
-            seq, labels = self.store.upsert(items)
+            seq, labels, created = self.store.upsert(items)
             # The store applies a batch in order; for an id repeated in one batch the last wins.
             last = {item.id: (label, item.vector)
                     for item, label in zip(items, labels, strict=True)}
             self.index.add(np.array([lv[0] for lv in last.values()], dtype=np.int64),
                            np.stack([lv[1] for lv in last.values()]))
             self.index.seq = seq
-            self._count += before - existing
-            self._churn += existing
+            self._count += created
+            self._churn += len(last) - created  # ids that existed were replaced
         return len(items)
 
     def delete(self, ids: list[str]) -> int:

@@ -114,8 +114,8 @@ class Store:
             return self._meta_int("seq")
 
     # --- writes -----------------------------------------------------------------------------
-    def upsert(self, items: list[NewItem]) -> tuple[int, list[int]]:
-        """Commit items; returns (sequence number, label of each item in order)."""
+    def upsert(self, items: list[NewItem]) -> tuple[int, list[int], int]:
+        """Commit items; returns (sequence number, label of each item in order, ids created)."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             seq = self._meta_int("seq") + 1
@@ -141,9 +141,10 @@ class Store:
                     (label, _vector_bytes(item.vector)),
                 )
                 labels.append(label)
+            created = next_label - self._meta_int("next_label")
             self._set_meta_int("seq", seq)
             self._set_meta_int("next_label", next_label)
-            return seq, labels
+            return seq, labels, created
 
     def delete(self, ids: list[str]) -> tuple[int, list[int]]:
         """Delete ids that exist; returns (sequence number, labels removed)."""
