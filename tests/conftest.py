@@ -24,6 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO.parent / "shared" / "data" / "coco128"
 TINY_MODEL = "clipsearch-tiny"
+# The device the test servers run on: cpu here and in CI; `CLIPSEARCH_TEST_DEVICE=cuda` runs
+# the suite's servers on a GPU machine.
+TEST_DEVICE = os.environ.get("CLIPSEARCH_TEST_DEVICE", "cpu")
 
 
 def coco_images(limit: int | None = None) -> list[Path]:
@@ -81,7 +84,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "clipsearch_server", "--host", "127.0.0.1",
                "--port", str(self.port), "--model", TINY_MODEL,
                "--checkpoint", str(self.checkpoint), "--data-dir", str(self.data_dir),
-               "--device", "cpu", *self.extra]
+               "--device", TEST_DEVICE, *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

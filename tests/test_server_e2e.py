@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from clipsearch import BatchError, Client, ClipSearchError
-from conftest import ServerProcess, coco_images, save_tiny_checkpoint
+from conftest import TEST_DEVICE, ServerProcess, coco_images, save_tiny_checkpoint
 
 
 def unique(prefix: str) -> str:
@@ -25,7 +25,7 @@ def test_info_describes_the_loaded_checkpoint(client: Client, tiny_checkpoint) -
     assert info.model == "clipsearch-tiny"
     assert info.checkpoint == str(tiny_checkpoint)
     assert info.dim == 64
-    assert info.device == "cpu"
+    assert info.device == TEST_DEVICE
     assert info.precision == "fp32"
     assert not info.random_weights
     assert info.model_fingerprint.startswith("clipsearch-tiny/sha256:")

@@ -24,6 +24,7 @@ from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 from .auth import BearerTokenInterceptor, load_tokens, server_credentials
 from .collection import Collections
 from .config import Settings, parse_settings
+from .device_decode import device_decoder
 from .embedder import Embedder
 from .errors import ClipSearchError
 from .model import ModelLoadError, load_model
@@ -101,7 +102,9 @@ async def serve(settings: Settings) -> int:
 
     try:
         model = await asyncio.to_thread(load_model, settings)
-    except ModelLoadError as exc:
+        decoder = await asyncio.to_thread(device_decoder, model.transform, model.device,
+                                          settings.max_image_pixels, settings.device_decode)
+    except (ModelLoadError, RuntimeError) as exc:
         log.error("model load failed: %s", exc)
         await server.stop(0)
         return 2
@@ -120,7 +123,8 @@ async def serve(settings: Settings) -> int:
                         settings.decode_threads, settings.max_queued_batches, metrics,
                         batch_wait_s=settings.batch_wait_ms / 1000,
                         text_cache_size=settings.text_cache_size,
-                        jpeg_draft=settings.jpeg_draft)
+                        jpeg_draft=settings.jpeg_draft, device_decoder=decoder)
+    log.info("JPEG decoding on %s", "the model's device (nvjpeg)" if decoder else "the CPU")
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)

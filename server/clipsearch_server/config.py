@@ -52,6 +52,7 @@ class Settings:
     batch_wait_ms: float = 2.0
     text_cache_size: int = 4096
     jpeg_draft: bool = True
+    device_decode: str = "auto"
     channels_last: str = "auto"
     compile: bool = False
     auth_tokens_file: Path | None = None
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode large JPEGs at a reduced scale (within a tested tolerance of "
                    "the full decode); --no-jpeg-draft for open_clip's exact preprocessing "
                    "(env CLIPSEARCH_JPEG_DRAFT)")
+    opt("--device-decode", str, d.device_decode,
+        "decode JPEGs and resize them on the model's device (nvjpeg): auto = on with CUDA, "
+        "on, off; other formats always decode on the CPU")
     path_opt(p, "--auth-tokens-file",
              "file of accepted bearer tokens, one per line; CLIPSEARCH_AUTH_TOKENS adds "
              "comma-separated ones. Without either, calls are not authenticated")
@@ -196,6 +200,8 @@ def validate(s: Settings) -> str | None:
         return f"--device must be auto, cpu, cuda or cuda:N, not {s.device!r}"
     if s.channels_last not in ("auto", "on", "off"):
         return f"--channels-last must be auto, on or off, not {s.channels_last!r}"
+    if s.device_decode not in ("auto", "on", "off"):
+        return f"--device-decode must be auto, on or off, not {s.device_decode!r}"
     if s.precision not in ("fp32", "fp16", "bf16"):
         return f"--precision must be fp32, fp16 or bf16, not {s.precision!r}"
     if not 0 <= s.port <= 65535:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .batcher import BULK, INTERACTIVE, Batcher
+from .device_decode import DeviceJpegDecoder, JpegFile
 from .errors import ClipSearchError, InvalidArgument
 from .model import ClipModel
 from .observability import Metrics
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # Calls with at most this many inputs ride the interactive lane unless they are ingest.
 INTERACTIVE_MAX_ITEMS = 8
+# Model batches of one call decoded ahead of the model: bounds a large request's memory.
+WINDOWS_AHEAD = 2
 
 
 @dataclass
@@ -69,12 +72,14 @@ class Embedder:
                  decode_threads: int, max_queued_batches: int = 64,
                  metrics: Metrics | None = None, max_text_chars: int = 10_000,
                  batch_wait_s: float = 0.002, text_cache_size: int = 4096,
-                 jpeg_draft: bool = True) -> None:
+                 jpeg_draft: bool = True,
+                 device_decoder: DeviceJpegDecoder | None = None) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_text_chars = max_text_chars
         draft = model.image_size * DRAFT_OVERSAMPLE if jpeg_draft else None
         self.preprocess = ImagePreprocessor(model.transform, max_image_pixels, draft)
+        self.device_decoder = device_decoder  # JPEGs decoded on the GPU when set
         self.cache = TextCache(text_cache_size)
         self.batcher = Batcher({"text": model.encode_texts, "image": model.encode_images},
                                max_batch_size, batch_wait_s, max_queued_batches, metrics)
@@ -119,24 +124,81 @@ class Embedder:
 
     async def embed_images(self, images: list[bytes], deadline: float | None = None,
                            bulk: bool = False) -> Embedded:
-        """Decode and embed images; undecodable ones are reported per item."""
+        """Decode and embed images; undecodable ones are reported per item.
+
+        Work goes in windows of one model batch, at most two of them decoded ahead per call,
+        so a large request never holds all its decoded pixels at once.
+        """
+        errors: dict[int, ClipSearchError] = {}
+        vectors = np.zeros((len(images), self.dim), dtype=np.float32)
+        lane = self._lane(len(images), bulk)
+        ahead = asyncio.Semaphore(WINDOWS_AHEAD)
+
+        async def window(rows: list[int]) -> None:
+            async with ahead:
+                decode = self._decode_on_device if self.device_decoder else self._decode_on_host
+                pixels, done, failed = await decode([images[i] for i in rows])
+                errors.update({rows[j]: exc for j, exc in failed.items()})
+                if done:
+                    result = await self.batcher.submit("image", pixels, lane, deadline)
+                    vectors[[rows[j] for j in done]] = result
+
+        await asyncio.gather(*(window(list(range(s, min(len(images), s + self.max_batch_size))))
+                               for s in range(0, len(images), self.max_batch_size)))
+        return Embedded(vectors, errors)
+
+    async def _decode_on_host(self, datas: list[bytes]
+                              ) -> tuple[torch.Tensor, list[int], dict[int, ClipSearchError]]:
+        """Pillow and open_clip's transform in the decode pool: (pixels, rows done, errors)."""
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
             *(loop.run_in_executor(self._decode_pool, self._preprocess_one, data)
-              for data in images))
-        errors = {i: d for i, d in enumerate(decoded) if isinstance(d, ClipSearchError)}
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, ClipSearchError)]
-        vectors = np.zeros((len(images), self.dim), dtype=np.float32)
-        lane = self._lane(len(images), bulk)
-        chunks = [good[s:s + self.max_batch_size]
-                  for s in range(0, len(good), self.max_batch_size)]
-        results = await asyncio.gather(*(
-            self.batcher.submit("image", torch.stack([decoded[i] for i in rows]), lane,
-                                deadline)
-            for rows in chunks))
-        for rows, result in zip(chunks, results, strict=True):
-            vectors[rows] = result
-        return Embedded(vectors, errors)
+              for data in datas))
+        failed = {i: d for i, d in enumerate(decoded) if isinstance(d, ClipSearchError)}
+        done = [i for i in range(len(datas)) if i not in failed]
+        pixels = torch.stack([decoded[i] for i in done]) if done else torch.empty(0)
+        return pixels, done, failed
+
+    async def _decode_on_device(self, datas: list[bytes]
+                                ) -> tuple[torch.Tensor, list[int], dict[int, ClipSearchError]]:
+        """JPEGs decoded as one batch on the model's device; the rest on the host, then moved."""
+        decoder = self.device_decoder
+        assert decoder is not None
+        loop = asyncio.get_running_loop()
+        headers = await loop.run_in_executor(self._decode_pool, self._inspect_all, datas)
+        failed = {i: h for i, h in enumerate(headers) if isinstance(h, ClipSearchError)}
+        jpegs = [i for i, h in enumerate(headers) if isinstance(h, JpegFile)]
+        parts: list[torch.Tensor] = []
+        done: list[int] = []
+        if jpegs:
+            pixels, refused = await loop.run_in_executor(
+                self._decode_pool, decoder.decode, [headers[i] for i in jpegs])
+            refused_rows = {jpegs[j] for j in refused}
+            done = [i for i in jpegs if i not in refused_rows]
+            if done:
+                parts.append(pixels)
+        host = sorted(set(range(len(datas))) - set(failed) - set(done))
+        if host:
+            pixels, host_done, host_failed = await self._decode_on_host([datas[i] for i in host])
+            failed.update({host[j]: exc for j, exc in host_failed.items()})
+            if host_done:
+                if decoder.device.type == "cuda":
+                    pixels = pixels.pin_memory()  # so the copy below runs asynchronously
+                parts.append(pixels.to(decoder.device, non_blocking=True))
+                done += [host[j] for j in host_done]
+        return (torch.cat(parts) if parts else torch.empty(0)), done, failed
+
+    def _inspect_all(self, datas: list[bytes]) -> list[JpegFile | ClipSearchError | None]:
+        assert self.device_decoder is not None
+        out: list[JpegFile | ClipSearchError | None] = []
+        for data in datas:
+            try:
+                out.append(self.device_decoder.inspect(data))
+            except ClipSearchError as exc:
+                out.append(exc)
+            except Exception:  # a header Pillow cannot parse: the host path reports it
+                out.append(None)
+        return out
 
     @staticmethod
     def _lane(n: int, bulk: bool) -> str:

@@ -90,7 +90,7 @@ class ClipModel:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """Unit-length float32 image embeddings for a batch of preprocessed images."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         if self.channels_last:
@@ -203,6 +203,11 @@ def load_model(settings: Settings) -> ClipModel:
     device = resolve_device(settings.device)
     if settings.precision == "fp16" and device.type == "cpu":
         raise ModelLoadError("--precision fp16 needs a GPU; use fp32 (or bf16) on the CPU")
+    if device.type == "cuda" and settings.precision == "fp32":
+        # fp32 promises open_clip's numbers: no TF32 (cuDNN uses it for convolutions by
+        # default, which moves the patch embedding by ~1e-3).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if settings.checkpoint is not None:
         weights: str | None = str(settings.checkpoint)
     elif settings.random_weights:

@@ -32,12 +32,10 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Decode one image to an upright 8-bit RGB picture, or raise InvalidArgument.
+def open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open an image's header, or raise InvalidArgument: format whitelist and pixel budget.
 
-    With `draft_size`, a JPEG whose short side is at least twice that is decoded at a reduced
-    scale (libjpeg's DCT scaling: 1/2, 1/4 or 1/8) keeping its short side >= `draft_size`.
-    A 12-megapixel photo then decodes from 1/64 of its pixels, several times faster.
+    Only the header is read: no pixel is decoded before the budget is checked.
     """
     if not data:
         raise InvalidArgument("image is empty (0 bytes)")
@@ -57,6 +55,18 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
             f"{max_pixels} (decompression-bomb guard)"
         )
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Decode one image to an upright 8-bit RGB picture, or raise InvalidArgument.
+
+    With `draft_size`, a JPEG whose short side is at least twice that is decoded at a reduced
+    scale (libjpeg's DCT scaling: 1/2, 1/4 or 1/8) keeping its short side >= `draft_size`.
+    A 12-megapixel photo then decodes from 1/64 of its pixels, several times faster.
+    """
+    img = open_checked(data, max_pixels)
+    width, height = img.size
     if draft_size and img.format in ("JPEG", "MPO") and min(width, height) >= 2 * draft_size:
         short = min(width, height)
         img.draft(img.mode, (math.ceil(draft_size * width / short),
