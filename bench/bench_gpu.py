@@ -34,7 +34,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from common import machine, ms, progress, section, table
+from common import fmt, machine, ms, progress, section, table
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipsearch.v1 import clipsearch_pb2 as pb
@@ -210,14 +210,21 @@ def main() -> None:
     jpegs = [f.read_bytes() for f in sorted(COCO.rglob("*.jpg"))]
     payload = (jpegs * (args.per_request // len(jpegs) + 1))[: args.per_request]
     rows: list[list[object]] = []
+
+    def add(row: list[object]) -> None:
+        """Keep a row for the table, and print it at once (a cut-off run keeps its numbers)."""
+        row = row + [""] * (6 - len(row))
+        rows.append(row)
+        print("| " + " | ".join(fmt(v) for v in row) + " |", flush=True)
+
     if "ceiling" in tables:
         progress("ceiling: towers alone")
         img_rate, text_rate = ceiling(args.model, args.device, args.precision, args.batch,
                                       args.seconds)
         if args.device == "cuda":
             torch.cuda.empty_cache()
-        rows.append(["image tower alone, random tensors on the GPU", img_rate, "", "", 1.0])
-        rows.append(["text tower alone, tokenised captions on the GPU", text_rate, "", "", ""])
+        add(["image tower alone, random tensors on the GPU", img_rate, "", "", 1.0])
+        add(["text tower alone, tokenised captions on the GPU", text_rate, "", "", ""])
     else:
         img_rate = float("nan")
     base = ["--precision", args.precision, "--max-batch-size", str(args.batch),
@@ -236,14 +243,14 @@ def main() -> None:
                     progress(f"images: embed, device decode {decode}")
                     rate, p50, p99, err = load(address, "embed", args.image_clients,
                                                args.seconds, payload, args.processes)
-                    rows.append([f"JPEG bytes -> vectors, gRPC, decode on "
+                    add([f"JPEG bytes -> vectors, gRPC, decode on "
                                  f"{'GPU' if decode == 'on' else 'CPU'}", rate, p50, p99,
                                  rate / img_rate, err])
                 if "ingest" in tables:
                     progress(f"images: ingest, device decode {decode}")
                     rate, p50, p99, err = load(address, "ingest", args.image_clients,
                                                args.seconds, payload, args.processes)
-                    rows.append([f"JPEG bytes -> indexed (Upsert), decode on "
+                    add([f"JPEG bytes -> indexed (Upsert), decode on "
                                  f"{'GPU' if decode == 'on' else 'CPU'}", rate, p50, p99,
                                  rate / img_rate, err])
                 if "text" in tables and decode == args.decode.split(",")[0]:
@@ -252,16 +259,14 @@ def main() -> None:
                         progress(f"text: {clients} clients")
                         rate, p50, p99, err = load(address, "text", clients, args.seconds,
                                                    texts, args.processes)
-                        rows.append([f"short text queries, {clients} clients", rate, p50, p99,
+                        add([f"short text queries, {clients} clients", rate, p50, p99,
                                      "", err])
                         rate, p50, p99, err = load(address, "info", clients, args.seconds,
                                                    texts, args.processes)
-                        rows.append([f"gRPC front alone (GetServerInfo), {clients} clients",
+                        add([f"gRPC front alone (GetServerInfo), {clients} clients",
                                      rate, p50, p99, "", err])
             finally:
                 stop_server(proc)
-    for row in rows:
-        row += [""] * (6 - len(row))
     section(f"{args.model}, {args.precision}, on {gpu} ({args.device})",
             table(["path", "per second", "p50 ms", "p99 ms", "of image ceiling", "errors"],
                   rows))

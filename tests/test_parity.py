@@ -27,9 +27,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server with open_clip's exact preprocessing (no JPEG draft decoding)."""
+    """A server with open_clip's exact preprocessing (no JPEG draft or device decoding)."""
     proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("parity") / "data",
-                         "--no-jpeg-draft").start()
+                         "--no-jpeg-draft", "--device-decode", "off").start()
     yield proc
     assert proc.stop() == 0, proc.log()
 

@@ -100,6 +100,10 @@ class DeviceJpegDecoder:
         img = open_checked(data, self.max_pixels)
         if img.format not in _JPEG_FORMATS or img.mode not in ("RGB", "L"):
             return None  # CMYK, 12-bit and other formats: Pillow does them right
+        if not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+            # No end-of-image marker: nvjpeg would fill a cut-off file with grey where
+            # Pillow refuses it, so the host path decides (and names the fault).
+            return None
         try:
             orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
         except Exception:  # a broken EXIF block: the picture as stored, as on the CPU path
