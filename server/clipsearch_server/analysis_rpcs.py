@@ -49,6 +49,7 @@ DEFAULT_NEIGHBOURS = 10
 MAX_NEIGHBOURS = 100
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+NEIGHBOUR_CHUNK = 4096  # rows per batched graph query
 MAX_CLUSTERS = 1000
 MAX_CENTRAL = 100
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -450,8 +451,14 @@ def _find_duplicates(collection: Collection, where: SqlFilter, threshold: float,
     allowed = None if where is MATCH_ALL else set(labels.tolist())
     threads = 1 if allowed is not None else max(1, min(4, os.cpu_count() or 1))
     try:
-        with collection.index.lock.read():
-            found, sims = collection.index.neighbours(vectors, k, ef, threads, allowed)
+        found = np.empty((len(labels), k), np.int64)
+        sims = np.empty((len(labels), k), np.float32)
+        # In chunks, each under the read lock: a waiting write holds up searches only briefly.
+        for start in range(0, len(labels), NEIGHBOUR_CHUNK):
+            part = slice(start, start + NEIGHBOUR_CHUNK)
+            with collection.index.lock.read():
+                found[part], sims[part] = collection.index.neighbours(vectors[part], k, ef,
+                                                                      threads, allowed)
     except RuntimeError:
         # hnswlib reached fewer than k items for some row (a small filtered part): score the
         # part exactly, as Search does for small filtered sets.
