@@ -327,3 +327,29 @@ def test_cluster_and_duplicates_bad_input(client: Client) -> None:
     assert client.find_duplicates("few", threshold=1.0) == []  # (0, 1] includes 1
     # nothing was written by the refused calls
     assert all("theme" not in r.metadata for r in client.scroll("few"))
+
+
+def test_recommend_and_cluster_cli(client: Client, server: ServerProcess) -> None:
+    dim = client.info().dim
+    rng = np.random.default_rng(11)
+    centres = unit(rng.normal(size=(2, dim)))
+    v = unit(np.concatenate([c + 0.05 * rng.normal(size=(6, dim)) for c in centres]))
+    ids = [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(6)]
+    client.upsert("cli-analysis", ids=ids, vectors=v)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "clipsearch", "--server", server.address,
+                               *args], capture_output=True, text=True, timeout=120)
+
+    out = run("recommend", "--collection", "cli-analysis", "--like", "a0", "--unlike", "b0",
+              "-k", "5")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert sorted(r[2] for r in rows) == ["a1", "a2", "a3", "a4", "a5"]
+    out = run("cluster", "--collection", "cli-analysis", "-n", "2", "--top", "2",
+              "--write-key", "group")
+    assert out.returncode == 0, out.stderr
+    assert "cluster 0: 6 items" in out.stdout and "cluster 1: 6 items" in out.stdout
+    assert "wrote metadata key 'group' on 12 items" in out.stdout
+    out = run("recommend", "--collection", "cli-analysis", "--like", "nobody")
+    assert out.returncode == 1 and "NOT_FOUND" in out.stderr and "'nobody'" in out.stderr
