@@ -1,8 +1,9 @@
 """The Recommend, Classify, FindDuplicates and Cluster RPCs, mixed into the servicer.
 
-Validation and mapping live here; the maths is in `analysis`. Text and image examples go through
-the same embedder (batcher, text cache) as search queries. Blocking work (SQLite, hnswlib,
-k-means) runs in threads. Every RPC is read-only except Cluster with a `metadata_key`.
+Validation and mapping live here; the maths is in `analysis`, whole-collection reads in
+`analysis_scans`. Text and image examples go through the same embedder (batcher, text cache)
+as search queries. Blocking work (SQLite, hnswlib, k-means) runs in threads. Every RPC is
+read-only except Cluster with a `metadata_key`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ import base64
 import collections
 import functools
 import math
-import os
 import re
-import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -26,15 +24,13 @@ import numpy as np
 from clipsearch.v1 import clipsearch_pb2 as pb
 
 from . import analysis
-from .collection import Collection, SearchHit
+from . import analysis_scans as scans
+from .collection import Collection
 from .errors import InvalidArgument, NotFound
-from .filters import MATCH_ALL, SqlFilter
 
 DEFAULT_NEGATIVE_WEIGHT = 0.5
 MAX_NEGATIVE_WEIGHT = 10.0
 MAX_EXAMPLES = 256
-# BEST_SCORE looks at this many of each positive's nearest items (at least k of them).
-BEST_SCORE_POOL = 64
 DEFAULT_TEMPLATE = "a photo of a {}."
 MAX_LABELS = 1000
 MAX_TEMPLATES = 100
@@ -49,7 +45,6 @@ DEFAULT_NEIGHBOURS = 10
 MAX_NEIGHBOURS = 100
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-NEIGHBOUR_CHUNK = 4096  # rows per batched graph query
 MAX_CLUSTERS = 1000
 MAX_CENTRAL = 100
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -70,15 +65,6 @@ def _rpc(method: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp
         return await svc.grpc_errors(method)(self, request, context)
 
     return call
-
-
-@dataclass(frozen=True)
-class _Duplicates:
-    """One FindDuplicates computation, kept so that the following pages need not redo it."""
-
-    groups: list[analysis.DuplicateGroup]
-    ids: dict[int, str]  # row -> id, for rows in some group
-    compared: int
 
 
 class AnalysisRpcs:
@@ -125,7 +111,7 @@ class AnalysisRpcs:
                 collection.search, query, request.k + len(exclude), ef, where)
             hits = [(h, h.score) for h in found if h.id not in exclude][:request.k]
         else:
-            hits = await asyncio.to_thread(_best_score_hits, collection, positives, negatives,
+            hits = await asyncio.to_thread(scans.best_score_hits, collection, positives, negatives,
                                            request.k, ef, where, exclude)
         return pb.RecommendResponse(hits=[
             pb.Hit(id=h.id, score=score, metadata=svc._struct(h.metadata),
@@ -299,7 +285,7 @@ class AnalysisRpcs:
         cache = self._duplicates_cache()
         result = cache.get(key)
         if result is None:
-            result = await asyncio.to_thread(_find_duplicates, collection, where, threshold,
+            result = await asyncio.to_thread(scans.find_duplicates, collection, where, threshold,
                                              neighbours, ef)
             cache.put(key, result)
         page = result.groups[offset:offset + size]
@@ -335,7 +321,7 @@ class AnalysisRpcs:
                                   "or '-'", "metadata_key")
         collection = self.collections.get(request.collection)
         where = svc._where(request)
-        labels, vectors = await asyncio.to_thread(_read_vectors, collection, where)
+        labels, vectors = await asyncio.to_thread(scans.read_vectors, collection, where)
         if n > len(labels):
             raise InvalidArgument(
                 f"n_clusters is {n}, more than the {len(labels)} items to cluster", "n_clusters")
@@ -343,7 +329,7 @@ class AnalysisRpcs:
         central = analysis.most_central(vectors, clustering.assignment, clustering.centroids,
                                         top_n)
         wanted = [int(labels[r]) for rows, _ in central for r in rows]
-        records = await asyncio.to_thread(_records_by_label, collection, wanted)
+        records = await asyncio.to_thread(scans.records_by_label, collection, wanted)
         labelled = 0
         if key:
             values = dict(zip(labels.tolist(), clustering.assignment.tolist(), strict=True))
@@ -414,92 +400,6 @@ def _check_labels(labels: list[str], templates: list[str]) -> tuple[list[str], l
                                   "(where the label goes) and no other braces",
                                   f"templates[{i}]")
     return labels, templates
-
-
-def _read_vectors(collection: Collection, where: SqlFilter) -> tuple[np.ndarray, np.ndarray]:
-    """(labels ascending, their vectors) of the matching items, read consistently."""
-    try:
-        with collection.index.lock.read():
-            if where is MATCH_ALL:
-                chunks = list(collection.store.changes_after(-1))
-                if not chunks:
-                    return np.zeros(0, np.int64), np.zeros((0, collection.dim), np.float32)
-                return (np.concatenate([c[0] for c in chunks]),
-                        np.concatenate([c[1] for c in chunks]).astype(np.float32))
-            labels = collection.store.labels_matching(where)
-            vectors = collection.store.vectors_for(labels)
-            return labels, vectors.reshape(len(labels), collection.dim)
-    except sqlite3.ProgrammingError:  # closed under us
-        raise NotFound(f"collection {collection.name!r} was dropped") from None
-
-
-def _records_by_label(collection: Collection, labels: list[int]) -> dict:
-    try:
-        with collection.index.lock.read():
-            return collection.store.get_by_labels(labels)
-    except sqlite3.ProgrammingError:
-        raise NotFound(f"collection {collection.name!r} was dropped") from None
-
-
-def _find_duplicates(collection: Collection, where: SqlFilter, threshold: float,
-                     neighbours: int, ef: int) -> _Duplicates:
-    """Each matching item's nearest neighbours from the graph, joined into groups."""
-    labels, vectors = _read_vectors(collection, where)
-    if len(labels) < 2:
-        return _Duplicates([], {}, len(labels))
-    k = min(neighbours + 1, len(labels))  # +1: an item is its own nearest
-    allowed = None if where is MATCH_ALL else set(labels.tolist())
-    threads = 1 if allowed is not None else max(1, min(4, os.cpu_count() or 1))
-    try:
-        found = np.empty((len(labels), k), np.int64)
-        sims = np.empty((len(labels), k), np.float32)
-        # In chunks, each under the read lock: a waiting write holds up searches only briefly.
-        for start in range(0, len(labels), NEIGHBOUR_CHUNK):
-            part = slice(start, start + NEIGHBOUR_CHUNK)
-            with collection.index.lock.read():
-                found[part], sims[part] = collection.index.neighbours(vectors[part], k, ef,
-                                                                      threads, allowed)
-    except RuntimeError:
-        # hnswlib reached fewer than k items for some row (a small filtered part): score the
-        # part exactly, as Search does for small filtered sets.
-        if len(labels) > collection.exact_search_max:
-            raise
-        found, sims = _exact_neighbours(labels, vectors, k)
-    rows = np.searchsorted(labels, found)
-    rows = np.where((rows < len(labels)) & (labels[np.minimum(rows, len(labels) - 1)] == found),
-                    rows, -1)
-    groups = analysis.duplicate_groups(vectors, rows, sims.astype(np.float32), threshold)
-    members = sorted({row for g in groups for row in g.members})
-    records = _records_by_label(collection, [int(labels[r]) for r in members])
-    ids = {row: records[int(labels[row])].id for row in members
-           if int(labels[row]) in records}
-    groups = [g for g in groups if all(row in ids for row in g.members)]  # deleted meanwhile
-    return _Duplicates(groups, ids, len(labels))
-
-
-def _exact_neighbours(labels: np.ndarray, vectors: np.ndarray, k: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    sims = vectors @ vectors.T
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return labels[top], np.take_along_axis(sims, top, axis=1)
-
-
-def _best_score_hits(collection: Collection, positives: np.ndarray, negatives: np.ndarray,
-                     k: int, ef: int, where: SqlFilter, exclude: set[str]
-                     ) -> list[tuple[SearchHit, float]]:
-    """Candidates near each positive, scored by analysis.best_scores, best first."""
-    pool = max(k, BEST_SCORE_POOL) + len(exclude)
-    candidates: dict[str, SearchHit] = {}
-    for positive in positives:
-        for hit in collection.search(positive, pool, max(ef, pool), where):
-            if hit.id not in exclude:
-                candidates.setdefault(hit.id, hit)
-    if not candidates:
-        return []
-    hits = list(candidates.values())
-    scores = analysis.best_scores(np.stack([h.vector for h in hits]), positives, negatives)
-    order = sorted(range(len(hits)), key=lambda i: (-scores[i], hits[i].id))[:k]
-    return [(hits[i], float(scores[i])) for i in order]
 
 
 def _encode_offset(offset: int) -> str:
