@@ -5,6 +5,7 @@ The client needs neither torch nor Pillow; the server is the ``clipsearch[server
 
 from importlib.metadata import PackageNotFoundError, version
 
+from clipsearch.analysis import Classification, Cluster, Clustering, DuplicateGroup, LabelScore
 from clipsearch.client import (
     BatchError,
     Client,
@@ -25,12 +26,17 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "BatchError",
+    "Classification",
     "Client",
     "ClipSearchError",
+    "Cluster",
+    "Clustering",
     "CollectionInfo",
+    "DuplicateGroup",
     "Hit",
     "ImageInput",
     "ItemFailure",
+    "LabelScore",
     "Record",
     "ServerInfo",
     "__version__",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from clipsearch.cli_analysis import add_commands
 from clipsearch.client import DEFAULT_TARGET, BatchError, Client, ClipSearchError
 
 SERVER_ENV = "CLIPSEARCH_SERVER"
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="describe the server and its model")
     commands.add_parser("collections", help="list collections")
+    _COMMANDS.update(add_commands(commands, _positive_int))  # recommend, classify, ...
     return parser
 
 

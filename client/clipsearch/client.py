@@ -29,6 +29,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm import tqdm
 
+from clipsearch.analysis import AnalysisMixin
 from clipsearch.filters import FilterSpec, to_filter
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
@@ -332,7 +333,7 @@ def _query_image(image: object) -> bytes:
 # The client
 
 
-class Client:
+class Client(AnalysisMixin):
     """A connection to a clipsearch server.
 
     Use it as a context manager, or call ``close()``. ``timeout`` applies to each RPC
@@ -343,6 +344,8 @@ class Client:
     ``tls=True`` connects over TLS checked against the system's roots, or against
     ``tls_ca`` (a PEM file) when given; ``tls_cert`` and ``tls_key`` add a client
     certificate for mutual TLS. ``credentials`` takes ready-made channel credentials instead.
+
+    Beyond search (recommend, classify, find_duplicates, cluster): see `clipsearch.analysis`.
     """
 
     def __init__(

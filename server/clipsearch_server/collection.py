@@ -229,6 +229,14 @@ class Collection:
             self._churn += len(labels)
         return len(labels)
 
+    def set_metadata_key(self, values: dict[int, object], key: str) -> int:
+        """Set one metadata key of these labels; the graph is unchanged. Returns items changed."""
+        with self.index.lock.write():
+            self._check_open()
+            seq, changed = self.store.set_metadata_key(values, key)
+            self.index.seq = seq
+        return changed
+
     def get(self, ids: list[str]) -> dict[str, Record]:
         with self.index.lock.read():
             self._check_open()

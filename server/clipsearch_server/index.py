@@ -162,6 +162,18 @@ class HnswIndex:
                                                       filter=keep)
         return labels[0].astype(np.int64), 1.0 - distances[0]
 
+    def neighbours(self, vectors: np.ndarray, k: int, ef: int, threads: int,
+                   allowed: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, similarities) of each row's k nearest, best first: one batched knn_query.
+
+        Raises RuntimeError when the graph yields fewer than k for some row.
+        """
+        keep = allowed.__contains__ if allowed is not None else None
+        with self._ef_phase(max(ef, k)):
+            labels, distances = self._graph.knn_query(vectors, k=k, num_threads=threads,
+                                                      filter=keep)
+        return labels.astype(np.int64), 1.0 - distances
+
     def adopt(self, other: HnswIndex) -> None:
         """Take over another index's graph (a compaction's result); caller holds lock.write()."""
         self._graph, self._ef, self.seq = other._graph, other._graph.ef, other.seq

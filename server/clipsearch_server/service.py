@@ -26,6 +26,7 @@ from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
 from . import __version__
+from .analysis_rpcs import AnalysisRpcs
 from .collection import Collection, CollectionInfo, Collections, check_name
 from .config import Settings
 from .embedder import Embedded, Embedder
@@ -71,8 +72,9 @@ def grpc_errors(method: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitab
     return wrapper
 
 
-class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
-    """Implements clipsearch.v1.ClipSearchService."""
+class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
+    """Implements clipsearch.v1.ClipSearchService (Recommend, Classify, FindDuplicates and
+    Cluster come from the AnalysisRpcs mixin)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

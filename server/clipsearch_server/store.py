@@ -169,6 +169,28 @@ class Store:
             self._set_meta_int("seq", seq)
             return seq, labels
 
+    def set_metadata_key(self, values: dict[int, object], key: str) -> tuple[int, int]:
+        """Set `key` in the metadata of these labels (those still stored), one transaction;
+        returns (sequence number, items changed). Vectors are untouched."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            seq = self._meta_int("seq") + 1
+            changed = 0
+            for chunk in _chunks(list(values)):
+                rows = self._db.execute(
+                    f"SELECT label, metadata FROM items WHERE label IN ({_marks(chunk)})",
+                    chunk).fetchall()
+                updates = []
+                for label, metadata in rows:
+                    merged = json.loads(metadata)
+                    merged[key] = values[label]
+                    updates.append((_dump(merged), seq, label))
+                self._db.executemany(
+                    "UPDATE items SET metadata = ?, seq = ? WHERE label = ?", updates)
+                changed += len(updates)
+            self._set_meta_int("seq", seq)
+            return seq, changed
+
     def forget_deletions_through(self, seq: int) -> None:
         """Deletions up to `seq` are inside a durable index snapshot; the log can drop them."""
         with self._lock, self._db:

@@ -3,12 +3,22 @@ import datetime
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RecommendStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECOMMEND_STRATEGY_UNSPECIFIED: _ClassVar[RecommendStrategy]
+    RECOMMEND_STRATEGY_AVERAGE_VECTOR: _ClassVar[RecommendStrategy]
+    RECOMMEND_STRATEGY_BEST_SCORE: _ClassVar[RecommendStrategy]
+RECOMMEND_STRATEGY_UNSPECIFIED: RecommendStrategy
+RECOMMEND_STRATEGY_AVERAGE_VECTOR: RecommendStrategy
+RECOMMEND_STRATEGY_BEST_SCORE: RecommendStrategy
 
 class Vector(_message.Message):
     __slots__ = ("data", "dim")
@@ -381,3 +391,183 @@ class GetServerInfoResponse(_message.Message):
     max_k: int
     image_size: int
     def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ..., checkpoint: _Optional[str] = ..., random_weights: _Optional[bool] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., image_size: _Optional[int] = ...) -> None: ...
+
+class Example(_message.Message):
+    __slots__ = ("id", "text", "image", "vector")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    image: bytes
+    vector: Vector
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("collection", "positives", "negatives", "strategy", "k", "filter", "ef", "include_vectors", "negative_weight")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    POSITIVES_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVES_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    EF_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    positives: _containers.RepeatedCompositeFieldContainer[Example]
+    negatives: _containers.RepeatedCompositeFieldContainer[Example]
+    strategy: RecommendStrategy
+    k: int
+    filter: Filter
+    ef: int
+    include_vectors: bool
+    negative_weight: float
+    def __init__(self, collection: _Optional[str] = ..., positives: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., negatives: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., strategy: _Optional[_Union[RecommendStrategy, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., ef: _Optional[int] = ..., include_vectors: _Optional[bool] = ..., negative_weight: _Optional[float] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("hits",)
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+
+class ClassifyInput(_message.Message):
+    __slots__ = ("image", "id")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    id: str
+    def __init__(self, image: _Optional[bytes] = ..., id: _Optional[str] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("inputs", "collection", "labels", "templates", "top_n")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[ClassifyInput]
+    collection: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    templates: _containers.RepeatedScalarFieldContainer[str]
+    top_n: int
+    def __init__(self, inputs: _Optional[_Iterable[_Union[ClassifyInput, _Mapping]]] = ..., collection: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "probability", "similarity")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    similarity: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., similarity: _Optional[float] = ...) -> None: ...
+
+class Classification(_message.Message):
+    __slots__ = ("index", "scores", "top")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    scores: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    top: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    def __init__(self, index: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("results", "errors", "logit_scale")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Classification]
+    errors: _containers.RepeatedCompositeFieldContainer[ItemError]
+    logit_scale: float
+    def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., logit_scale: _Optional[float] = ...) -> None: ...
+
+class FindDuplicatesRequest(_message.Message):
+    __slots__ = ("collection", "filter", "threshold", "neighbors", "ef", "page_size", "page_token")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    EF_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    filter: Filter
+    threshold: float
+    neighbors: int
+    ef: int
+    page_size: int
+    page_token: str
+    def __init__(self, collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., threshold: _Optional[float] = ..., neighbors: _Optional[int] = ..., ef: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class DuplicateMember(_message.Message):
+    __slots__ = ("id", "score")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class DuplicateGroup(_message.Message):
+    __slots__ = ("members", "min_similarity")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[DuplicateMember]
+    min_similarity: float
+    def __init__(self, members: _Optional[_Iterable[_Union[DuplicateMember, _Mapping]]] = ..., min_similarity: _Optional[float] = ...) -> None: ...
+
+class FindDuplicatesResponse(_message.Message):
+    __slots__ = ("groups", "next_page_token", "total_groups", "items_compared")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_COMPARED_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[DuplicateGroup]
+    next_page_token: str
+    total_groups: int
+    items_compared: int
+    def __init__(self, groups: _Optional[_Iterable[_Union[DuplicateGroup, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_groups: _Optional[int] = ..., items_compared: _Optional[int] = ...) -> None: ...
+
+class ClusterRequest(_message.Message):
+    __slots__ = ("collection", "filter", "n_clusters", "top_n", "seed", "metadata_key", "include_centroids")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    N_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    METADATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CENTROIDS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    filter: Filter
+    n_clusters: int
+    top_n: int
+    seed: int
+    metadata_key: str
+    include_centroids: bool
+    def __init__(self, collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., n_clusters: _Optional[int] = ..., top_n: _Optional[int] = ..., seed: _Optional[int] = ..., metadata_key: _Optional[str] = ..., include_centroids: _Optional[bool] = ...) -> None: ...
+
+class ClusterGroup(_message.Message):
+    __slots__ = ("cluster", "size", "central", "centroid")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CENTRAL_FIELD_NUMBER: _ClassVar[int]
+    CENTROID_FIELD_NUMBER: _ClassVar[int]
+    cluster: int
+    size: int
+    central: _containers.RepeatedCompositeFieldContainer[Hit]
+    centroid: Vector
+    def __init__(self, cluster: _Optional[int] = ..., size: _Optional[int] = ..., central: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., centroid: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
+
+class ClusterResponse(_message.Message):
+    __slots__ = ("clusters", "items_clustered", "items_labelled", "inertia")
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_CLUSTERED_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_LABELLED_FIELD_NUMBER: _ClassVar[int]
+    INERTIA_FIELD_NUMBER: _ClassVar[int]
+    clusters: _containers.RepeatedCompositeFieldContainer[ClusterGroup]
+    items_clustered: int
+    items_labelled: int
+    inertia: float
+    def __init__(self, clusters: _Optional[_Iterable[_Union[ClusterGroup, _Mapping]]] = ..., items_clustered: _Optional[int] = ..., items_labelled: _Optional[int] = ..., inertia: _Optional[float] = ...) -> None: ...

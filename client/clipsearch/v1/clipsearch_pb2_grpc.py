@@ -100,6 +100,26 @@ class ClipSearchServiceStub:
                 request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Recommend = channel.unary_unary(
+                '/clipsearch.v1.ClipSearchService/Recommend',
+                request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.RecommendResponse.FromString,
+                _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/clipsearch.v1.ClipSearchService/Classify',
+                request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.FindDuplicates = channel.unary_unary(
+                '/clipsearch.v1.ClipSearchService/FindDuplicates',
+                request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.FindDuplicatesResponse.FromString,
+                _registered_method=True)
+        self.Cluster = channel.unary_unary(
+                '/clipsearch.v1.ClipSearchService/Cluster',
+                request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.ClusterRequest.SerializeToString,
+                response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.ClusterResponse.FromString,
+                _registered_method=True)
 
 
 class ClipSearchServiceServicer:
@@ -199,6 +219,38 @@ class ClipSearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recommend(self, request, context):
+        """Recommend returns the k items of a collection most like the positive examples and least
+        like the negative ones, never an example itself. Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Classify scores images (encoded, or stored items) against labels written in plain words:
+        zero-shot classification with the model's own logit scale. Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindDuplicates(self, request, context):
+        """FindDuplicates groups items whose cosine similarity reaches a threshold, found from each
+        item's nearest neighbours in the graph (not an all-pairs scan). Paged. Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cluster(self, request, context):
+        """Cluster groups a collection (or the items a filter matches) by k-means and returns each
+        cluster's size and most central items. Writes only when `metadata_key` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClipSearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -266,6 +318,26 @@ def add_ClipSearchServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.GetServerInfoRequest.FromString,
                     response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'Recommend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recommend,
+                    request_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.RecommendRequest.FromString,
+                    response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.RecommendResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.ClassifyRequest.FromString,
+                    response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.FindDuplicatesResponse.SerializeToString,
+            ),
+            'Cluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cluster,
+                    request_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.ClusterRequest.FromString,
+                    response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.ClusterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -620,6 +692,114 @@ class ClipSearchService:
             '/clipsearch.v1.ClipSearchService/GetServerInfo',
             clipsearch_dot_v1_dot_clipsearch__pb2.GetServerInfoRequest.SerializeToString,
             clipsearch_dot_v1_dot_clipsearch__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recommend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.v1.ClipSearchService/Recommend',
+            clipsearch_dot_v1_dot_clipsearch__pb2.RecommendRequest.SerializeToString,
+            clipsearch_dot_v1_dot_clipsearch__pb2.RecommendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.v1.ClipSearchService/Classify',
+            clipsearch_dot_v1_dot_clipsearch__pb2.ClassifyRequest.SerializeToString,
+            clipsearch_dot_v1_dot_clipsearch__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.v1.ClipSearchService/FindDuplicates',
+            clipsearch_dot_v1_dot_clipsearch__pb2.FindDuplicatesRequest.SerializeToString,
+            clipsearch_dot_v1_dot_clipsearch__pb2.FindDuplicatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipsearch.v1.ClipSearchService/Cluster',
+            clipsearch_dot_v1_dot_clipsearch__pb2.ClusterRequest.SerializeToString,
+            clipsearch_dot_v1_dot_clipsearch__pb2.ClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,424 @@
+"""The Recommend, Classify, FindDuplicates and Cluster RPCs, mixed into the servicer.
+
+Validation and mapping live here; the maths is in `analysis`, whole-collection reads in
+`analysis_scans`. Text and image examples go through the same embedder (batcher, text cache)
+as search queries. Blocking work (SQLite, hnswlib, k-means) runs in threads. Every RPC is
+read-only except Cluster with a `metadata_key`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import functools
+import math
+import re
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from clipsearch.v1 import clipsearch_pb2 as pb
+
+from . import analysis
+from . import analysis_scans as scans
+from .collection import Collection
+from .errors import InvalidArgument, NotFound
+
+DEFAULT_NEGATIVE_WEIGHT = 0.5
+MAX_NEGATIVE_WEIGHT = 10.0
+MAX_EXAMPLES = 256
+DEFAULT_TEMPLATE = "a photo of a {}."
+MAX_LABELS = 1000
+MAX_TEMPLATES = 100
+MAX_PROMPTS = 20_000  # labels x templates embedded by one call
+MAX_LABEL_CHARS = 300
+DEFAULT_TOP_N = 5
+LABEL_CACHE_SIZE = 20_000
+# Re-encoded and resized copies of a photo stay above this with CLIP ViT-B models, while
+# different shots of one scene mostly fall below it (README, "Near-duplicates").
+DEFAULT_DUPLICATE_THRESHOLD = 0.95
+DEFAULT_NEIGHBOURS = 10
+MAX_NEIGHBOURS = 100
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_CLUSTERS = 1000
+MAX_CENTRAL = 100
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_STRATEGIES = {
+    pb.RECOMMEND_STRATEGY_UNSPECIFIED: pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR,
+    pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR: pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR,
+    pb.RECOMMEND_STRATEGY_BEST_SCORE: pb.RECOMMEND_STRATEGY_BEST_SCORE,
+}
+
+Resp = TypeVar("Resp")
+
+
+def _rpc(method: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+    """The servicer's own error mapping (service.grpc_errors), looked up when called."""
+
+    @functools.wraps(method)
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Resp:
+        return await svc.grpc_errors(method)(self, request, context)
+
+    return call
+
+
+class AnalysisRpcs:
+    """Mixin of ClipSearchServicer: uses its settings, model, embedder and collections."""
+
+    # --- Recommend ------------------------------------------------------------------------
+    @_rpc
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.RecommendResponse:
+        s = self.settings
+        if not 1 <= request.k <= s.max_k:
+            raise InvalidArgument(f"k must be 1..{s.max_k}, not {request.k}", "k")
+        if request.ef > s.max_ef:
+            raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}", "ef")
+        if not request.positives:
+            raise InvalidArgument("positives is empty: give at least one example", "positives")
+        if len(request.positives) + len(request.negatives) > MAX_EXAMPLES:
+            raise InvalidArgument(f"more than {MAX_EXAMPLES} examples in one request",
+                                  "positives")
+        weight = (request.negative_weight if request.HasField("negative_weight")
+                  else DEFAULT_NEGATIVE_WEIGHT)
+        if not 0.0 <= weight <= MAX_NEGATIVE_WEIGHT:  # NaN fails too
+            raise InvalidArgument(f"negative_weight must be 0..{MAX_NEGATIVE_WEIGHT:g}, not "
+                                  f"{weight}", "negative_weight")
+        strategy = _STRATEGIES.get(request.strategy)
+        if strategy is None:
+            raise InvalidArgument(f"unknown strategy {request.strategy}", "strategy")
+        collection = self.collections.get(request.collection)
+        where = svc._where(request)
+        deadline = svc._deadline(context)
+        positives, pos_ids = await self._examples(collection, request.positives, "positives",
+                                                  deadline)
+        negatives, neg_ids = await self._examples(collection, request.negatives, "negatives",
+                                                  deadline)
+        exclude = set(pos_ids) | set(neg_ids)
+        ef = request.ef or s.default_ef
+        if strategy == pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR:
+            try:
+                query = analysis.average_vector_query(positives, negatives, weight)
+            except ValueError:
+                raise InvalidArgument("the negatives cancel the positives out: nothing is left "
+                                      "to search for", "negatives") from None
+            found = await asyncio.to_thread(
+                collection.search, query, request.k + len(exclude), ef, where)
+            hits = [(h, h.score) for h in found if h.id not in exclude][:request.k]
+        else:
+            hits = await asyncio.to_thread(scans.best_score_hits, collection, positives, negatives,
+                                           request.k, ef, where, exclude)
+        return pb.RecommendResponse(hits=[
+            pb.Hit(id=h.id, score=score, metadata=svc._struct(h.metadata),
+                   vector=svc._vector(h.vector) if request.include_vectors else None)
+            for h, score in hits])
+
+    async def _examples(self, collection: Collection, examples: Any, field: str,
+                        deadline: float | None) -> tuple[np.ndarray, list[str]]:
+        """Unit vectors of the examples in order, and the stored ids among them."""
+        rows: dict[int, np.ndarray] = {}
+        ids: dict[int, str] = {}
+        texts: list[tuple[int, str]] = []
+        images: list[tuple[int, bytes]] = []
+        for i, example in enumerate(examples):
+            kind = example.WhichOneof("example")
+            if kind == "id":
+                ids[i] = example.id
+            elif kind == "text":
+                texts.append((i, example.text))
+            elif kind == "image":
+                images.append((i, example.image))
+            elif kind == "vector":
+                rows[i] = svc._unit_vector(example.vector, collection.dim,
+                                           f"{field}[{i}].vector")
+            else:
+                raise InvalidArgument(f"{field}[{i}] is empty: set id, text, image or vector",
+                                      f"{field}[{i}]")
+        if ids:
+            found = await asyncio.to_thread(collection.get, list(ids.values()))
+            missing = [(i, id_) for i, id_ in ids.items() if id_ not in found]
+            if missing:
+                names = ", ".join(repr(id_) for _, id_ in missing)
+                raise NotFound(f"{field}: no item {names} in collection {collection.name!r}",
+                               f"{field}[{missing[0][0]}].id")
+            rows.update((i, found[id_].vector) for i, id_ in ids.items())
+        if texts or images:
+            collection.check_model(self.model.fingerprint)
+        for kind, pending, embed in (("text", texts, self._embed_texts),
+                                     ("image", images, self._embed_images)):
+            embedded = await embed([value for _, value in pending], deadline)
+            for row, (i, _) in enumerate(pending):
+                if row in embedded.errors:
+                    error = embedded.errors[row]
+                    error.field = f"{field}[{i}].{kind}"
+                    raise error
+                rows[i] = embedded.vectors[row]
+        matrix = (np.stack([rows[i] for i in range(len(rows))]) if rows
+                  else np.zeros((0, collection.dim), np.float32))
+        return matrix.astype(np.float32, copy=False), list(ids.values())
+
+    # --- Classify -------------------------------------------------------------------------
+    @_rpc
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.ClassifyResponse:
+        self._check_count(len(request.inputs), "inputs")
+        labels, templates = _check_labels(list(request.labels), list(request.templates))
+        top_n = min(request.top_n or DEFAULT_TOP_N, len(labels))
+        images: list[tuple[int, bytes]] = []
+        ids: dict[int, str] = {}
+        for i, item in enumerate(request.inputs):
+            kind = item.WhichOneof("input")
+            if kind == "image":
+                images.append((i, item.image))
+            elif kind == "id":
+                ids[i] = item.id
+            else:
+                raise InvalidArgument(f"inputs[{i}] is empty: set image or id", f"inputs[{i}]")
+        vectors: dict[int, np.ndarray] = {}
+        if ids:
+            if not request.collection:
+                raise InvalidArgument("inputs name stored ids: set collection", "collection")
+            collection = self.collections.get(request.collection)
+            collection.check_model(self.model.fingerprint)
+            found = await asyncio.to_thread(collection.get, list(ids.values()))
+            missing = [(i, id_) for i, id_ in ids.items() if id_ not in found]
+            if missing:
+                names = ", ".join(repr(id_) for _, id_ in missing)
+                raise NotFound(f"no item {names} in collection {collection.name!r}",
+                               f"inputs[{missing[0][0]}].id")
+            vectors.update((i, found[id_].vector) for i, id_ in ids.items())
+        deadline = svc._deadline(context)
+        label_vectors = await self._label_vectors(labels, templates, deadline)
+        embedded = await self._embed_images([b for _, b in images], deadline)
+        errors = []
+        for row, (i, _) in enumerate(images):
+            if row in embedded.errors:
+                e = embedded.errors[row]
+                errors.append(pb.ItemError(index=i, code=grpc.StatusCode[e.code_name].value[0],
+                                           message=str(e)))
+            else:
+                vectors[i] = embedded.vectors[row]
+        order = sorted(vectors)
+        scale = self.logit_scale
+        results = []
+        if order:
+            probs, sims = analysis.zero_shot_probabilities(
+                np.stack([vectors[i] for i in order]), label_vectors, scale)
+            for i, p, sim in zip(order, probs, sims, strict=True):
+                scores = [pb.LabelScore(label=label, probability=float(p[j]),
+                                        similarity=float(sim[j]))
+                          for j, label in enumerate(labels)]
+                top = sorted(range(len(labels)), key=lambda j, p=p: (-p[j], j))[:top_n]
+                results.append(pb.Classification(index=i, scores=scores,
+                                                  top=[scores[j] for j in top]))
+        errors.sort(key=lambda e: e.index)
+        return pb.ClassifyResponse(results=results, errors=errors, logit_scale=scale)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of the model's learned temperature, as open_clip's CLIP.forward applies it."""
+        return float(self.model.module.logit_scale.detach().exp().item())
+
+    async def _label_vectors(self, labels: list[str], templates: list[str],
+                             deadline: float | None) -> np.ndarray:
+        """One unit vector per label, from the cache or embedded now (all prompts at once)."""
+        cache = self._label_cache()
+        key = (self.model.fingerprint, tuple(templates))
+        out: dict[int, np.ndarray] = {}
+        todo = []
+        for i, label in enumerate(labels):
+            cached = cache.get((*key, label))
+            if cached is None:
+                todo.append(i)
+            else:
+                out[i] = cached
+        if todo:
+            prompts = [t.replace("{}", labels[i]) for i in todo for t in templates]
+            embedded = await self._embed_texts(prompts, deadline)
+            if embedded.errors:
+                row, error = min(embedded.errors.items())
+                i = todo[row // len(templates)]
+                raise InvalidArgument(f"label {labels[i]!r}: {error}", f"labels[{i}]")
+            fresh = analysis.label_embeddings(embedded.vectors, len(todo), len(templates))
+            for i, vector in zip(todo, fresh, strict=True):
+                out[i] = vector
+                cache.put((*key, labels[i]), vector)
+        return np.stack([out[i] for i in range(len(labels))])
+
+    def _label_cache(self) -> _LruCache:
+        cache = self.__dict__.get("_analysis_label_cache")
+        if cache is None:
+            cache = self.__dict__.setdefault("_analysis_label_cache",
+                                             _LruCache(LABEL_CACHE_SIZE))
+        return cache
+
+    # --- FindDuplicates -------------------------------------------------------------------
+    @_rpc
+    async def FindDuplicates(self, request: pb.FindDuplicatesRequest,
+                             context: grpc.aio.ServicerContext) -> pb.FindDuplicatesResponse:
+        threshold = (request.threshold if request.HasField("threshold")
+                     else DEFAULT_DUPLICATE_THRESHOLD)
+        if not 0.0 < threshold <= 1.0:  # NaN fails too
+            raise InvalidArgument(f"threshold must be in (0, 1], not {threshold}", "threshold")
+        neighbours = request.neighbors or DEFAULT_NEIGHBOURS
+        if neighbours > MAX_NEIGHBOURS:
+            raise InvalidArgument(f"neighbors must be 0 (default) to {MAX_NEIGHBOURS}, not "
+                                  f"{neighbours}", "neighbors")
+        if request.ef > self.settings.max_ef:
+            raise InvalidArgument(
+                f"ef must be 0 (default) to {self.settings.max_ef}, not {request.ef}", "ef")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be 0 (default) to {MAX_PAGE_SIZE}, not {size}",
+                                  "page_size")
+        offset = _decode_offset(request.page_token) if request.page_token else 0
+        collection = self.collections.get(request.collection)
+        where = svc._where(request)
+        ef = request.ef or self.settings.default_ef
+        key = (collection.name, id(collection), collection.index.seq, threshold, neighbours, ef,
+               request.filter.SerializeToString(deterministic=True))
+        cache = self._duplicates_cache()
+        result = cache.get(key)
+        if result is None:
+            result = await asyncio.to_thread(scans.find_duplicates, collection, where, threshold,
+                                             neighbours, ef)
+            cache.put(key, result)
+        page = result.groups[offset:offset + size]
+        more = offset + size < len(result.groups)
+        return pb.FindDuplicatesResponse(
+            groups=[pb.DuplicateGroup(
+                members=[pb.DuplicateMember(id=result.ids[row], score=score)
+                         for row, score in zip(g.members, g.scores, strict=True)],
+                min_similarity=g.min_similarity) for g in page],
+            next_page_token=_encode_offset(offset + size) if more else "",
+            total_groups=len(result.groups), items_compared=result.compared)
+
+    def _duplicates_cache(self) -> _LruCache:
+        cache = self.__dict__.get("_analysis_duplicates_cache")
+        if cache is None:
+            cache = self.__dict__.setdefault("_analysis_duplicates_cache", _LruCache(4))
+        return cache
+
+    # --- Cluster --------------------------------------------------------------------------
+    @_rpc
+    async def Cluster(self, request: pb.ClusterRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.ClusterResponse:
+        n = request.n_clusters
+        if not 2 <= n <= MAX_CLUSTERS:
+            raise InvalidArgument(f"n_clusters must be 2..{MAX_CLUSTERS}, not {n}", "n_clusters")
+        top_n = request.top_n or DEFAULT_TOP_N
+        if top_n > MAX_CENTRAL:
+            raise InvalidArgument(f"top_n must be 0 (default) to {MAX_CENTRAL}, not {top_n}",
+                                  "top_n")
+        key = request.metadata_key
+        if key and not METADATA_KEY.match(key):
+            raise InvalidArgument(f"metadata_key {key!r} must be 1 to 64 letters, digits, '_' "
+                                  "or '-'", "metadata_key")
+        collection = self.collections.get(request.collection)
+        where = svc._where(request)
+        labels, vectors = await asyncio.to_thread(scans.read_vectors, collection, where)
+        if n > len(labels):
+            raise InvalidArgument(
+                f"n_clusters is {n}, more than the {len(labels)} items to cluster", "n_clusters")
+        clustering = await asyncio.to_thread(analysis.kmeans, vectors, n, request.seed)
+        central = analysis.most_central(vectors, clustering.assignment, clustering.centroids,
+                                        top_n)
+        wanted = [int(labels[r]) for rows, _ in central for r in rows]
+        records = await asyncio.to_thread(scans.records_by_label, collection, wanted)
+        labelled = 0
+        if key:
+            values = dict(zip(labels.tolist(), clustering.assignment.tolist(), strict=True))
+            labelled = await asyncio.to_thread(collection.set_metadata_key, values, key)
+        sizes = np.bincount(clustering.assignment, minlength=n)
+        groups = []
+        for c, (rows, scores) in enumerate(central):
+            hits = [pb.Hit(id=r.id, score=float(score), metadata=svc._struct(r.metadata))
+                    for row, score in zip(rows.tolist(), scores.tolist(), strict=True)
+                    if (r := records.get(int(labels[row]))) is not None]
+            groups.append(pb.ClusterGroup(
+                cluster=c, size=int(sizes[c]), central=hits,
+                centroid=(svc._vector(clustering.centroids[c]) if request.include_centroids
+                          else None)))
+        return pb.ClusterResponse(clusters=groups, items_clustered=len(labels),
+                                  items_labelled=labelled, inertia=clustering.inertia)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+class _LruCache:
+    """A small thread-safe LRU map."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+def _check_labels(labels: list[str], templates: list[str]) -> tuple[list[str], list[str]]:
+    if len(labels) < 2:
+        raise InvalidArgument(f"labels needs at least 2 labels, got {len(labels)}", "labels")
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels, over the limit of {MAX_LABELS}", "labels")
+    seen: set[str] = set()
+    for i, label in enumerate(labels):
+        if not label.strip():
+            raise InvalidArgument(f"labels[{i}] is empty", f"labels[{i}]")
+        if len(label) > MAX_LABEL_CHARS:
+            raise InvalidArgument(f"labels[{i}] is {len(label)} characters, over the limit of "
+                                  f"{MAX_LABEL_CHARS}", f"labels[{i}]")
+        if label in seen:
+            raise InvalidArgument(f"labels[{i}] {label!r} is given twice", f"labels[{i}]")
+        seen.add(label)
+    templates = templates or [DEFAULT_TEMPLATE]
+    if len(templates) > MAX_TEMPLATES:
+        raise InvalidArgument(f"{len(templates)} templates, over the limit of {MAX_TEMPLATES}",
+                              "templates")
+    if len(templates) * len(labels) > MAX_PROMPTS:
+        raise InvalidArgument(f"{len(labels)} labels x {len(templates)} templates is over the "
+                              f"limit of {MAX_PROMPTS} prompts", "templates")
+    for i, template in enumerate(templates):
+        if template.count("{}") != 1 or template.count("{") != 1 or template.count("}") != 1:
+            raise InvalidArgument(f"templates[{i}] {template!r} must hold exactly one '{{}}' "
+                                  "(where the label goes) and no other braces",
+                                  f"templates[{i}]")
+    return labels, templates
+
+
+def _encode_offset(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"dup:{offset}".encode()).decode()
+
+
+def _decode_offset(token: str) -> int:
+    try:
+        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+        kind, _, number = text.partition(":")
+        offset = int(number)
+        if kind != "dup" or offset < 0 or not math.isfinite(offset):
+            raise ValueError(text)
+        return offset
+    except (ValueError, UnicodeError):
+        raise InvalidArgument("page_token is not one this server handed out",
+                              "page_token") from None
+
+
+# Imported last: service imports this module for the mixin, and this module uses service's
+# helpers (error mapping, filters, vectors) only when a call runs.
+from . import service as svc  # noqa: E402

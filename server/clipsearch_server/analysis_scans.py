@@ -1,0 +1,118 @@
+"""Whole-collection reads for the analysis RPCs: every matching vector, graph neighbours of
+all of them (near-duplicates), and best-score candidates for Recommend.
+
+The neighbour queries take the collection's read lock a chunk at a time, so a write waiting
+for the lock (and the searches queued behind it) is held up only briefly.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import analysis
+from .collection import Collection, SearchHit
+from .errors import NotFound
+from .filters import MATCH_ALL, SqlFilter
+from .store import Record
+
+BEST_SCORE_POOL = 64  # BEST_SCORE looks at this many of each positive's nearest items (>= k)
+NEIGHBOUR_CHUNK = 4096  # rows per batched graph query
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """One FindDuplicates computation, kept so that the following pages need not redo it."""
+
+    groups: list[analysis.DuplicateGroup]
+    ids: dict[int, str]  # row -> id, for rows in some group
+    compared: int
+
+
+def read_vectors(collection: Collection, where: SqlFilter) -> tuple[np.ndarray, np.ndarray]:
+    """(labels ascending, their vectors) of the matching items, read consistently."""
+    try:
+        with collection.index.lock.read():
+            if where is MATCH_ALL:
+                chunks = list(collection.store.changes_after(-1))
+                if not chunks:
+                    return np.zeros(0, np.int64), np.zeros((0, collection.dim), np.float32)
+                return (np.concatenate([c[0] for c in chunks]),
+                        np.concatenate([c[1] for c in chunks]).astype(np.float32))
+            labels = collection.store.labels_matching(where)
+            vectors = collection.store.vectors_for(labels)
+            return labels, vectors.reshape(len(labels), collection.dim)
+    except sqlite3.ProgrammingError:  # closed under us
+        raise NotFound(f"collection {collection.name!r} was dropped") from None
+
+
+def records_by_label(collection: Collection, labels: list[int]) -> dict[int, Record]:
+    try:
+        with collection.index.lock.read():
+            return collection.store.get_by_labels(labels)
+    except sqlite3.ProgrammingError:
+        raise NotFound(f"collection {collection.name!r} was dropped") from None
+
+
+def find_duplicates(collection: Collection, where: SqlFilter, threshold: float,
+                     neighbours: int, ef: int) -> Duplicates:
+    """Each matching item's nearest neighbours from the graph, joined into groups."""
+    labels, vectors = read_vectors(collection, where)
+    if len(labels) < 2:
+        return Duplicates([], {}, len(labels))
+    k = min(neighbours + 1, len(labels))  # +1: an item is its own nearest
+    allowed = None if where is MATCH_ALL else set(labels.tolist())
+    threads = 1 if allowed is not None else max(1, min(4, os.cpu_count() or 1))
+    try:
+        found = np.empty((len(labels), k), np.int64)
+        sims = np.empty((len(labels), k), np.float32)
+        # In chunks, each under the read lock: a waiting write holds up searches only briefly.
+        for start in range(0, len(labels), NEIGHBOUR_CHUNK):
+            part = slice(start, start + NEIGHBOUR_CHUNK)
+            with collection.index.lock.read():
+                found[part], sims[part] = collection.index.neighbours(vectors[part], k, ef,
+                                                                      threads, allowed)
+    except RuntimeError:
+        # hnswlib reached fewer than k items for some row (a small filtered part): score the
+        # part exactly, as Search does for small filtered sets.
+        if len(labels) > collection.exact_search_max:
+            raise
+        found, sims = _exact_neighbours(labels, vectors, k)
+    rows = np.searchsorted(labels, found)
+    rows = np.where((rows < len(labels)) & (labels[np.minimum(rows, len(labels) - 1)] == found),
+                    rows, -1)
+    groups = analysis.duplicate_groups(vectors, rows, sims.astype(np.float32), threshold)
+    members = sorted({row for g in groups for row in g.members})
+    records = records_by_label(collection, [int(labels[r]) for r in members])
+    ids = {row: records[int(labels[row])].id for row in members
+           if int(labels[row]) in records}
+    groups = [g for g in groups if all(row in ids for row in g.members)]  # deleted meanwhile
+    return Duplicates(groups, ids, len(labels))
+
+
+def _exact_neighbours(labels: np.ndarray, vectors: np.ndarray, k: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    sims = vectors @ vectors.T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return labels[top], np.take_along_axis(sims, top, axis=1)
+
+
+def best_score_hits(collection: Collection, positives: np.ndarray, negatives: np.ndarray,
+                     k: int, ef: int, where: SqlFilter, exclude: set[str]
+                     ) -> list[tuple[SearchHit, float]]:
+    """Candidates near each positive, scored by analysis.best_scores, best first."""
+    pool = max(k, BEST_SCORE_POOL) + len(exclude)
+    candidates: dict[str, SearchHit] = {}
+    for positive in positives:
+        for hit in collection.search(positive, pool, max(ef, pool), where):
+            if hit.id not in exclude:
+                candidates.setdefault(hit.id, hit)
+    if not candidates:
+        return []
+    hits = list(candidates.values())
+    scores = analysis.best_scores(np.stack([h.vector for h in hits]), positives, negatives)
+    order = sorted(range(len(hits)), key=lambda i: (-scores[i], hits[i].id))[:k]
+    return [(hits[i], float(scores[i])) for i in order]
