@@ -36,7 +36,9 @@ lint: $(VENV)/.dev-installed
 
 protos: $(VENV)/.dev-installed
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=client --pyi_out=client \
-		--grpc_python_out=client protos/clipsearch/v1/clipsearch.proto
+		--grpc_python_out=client \
+		--plugin=protoc-gen-connect-python=$(BIN)/protoc-gen-connect-python \
+		--connect-python_out=client protos/clipsearch/v1/clipsearch.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
