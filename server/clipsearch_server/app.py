@@ -26,6 +26,7 @@ from .collection import Collections
 from .config import Settings, parse_settings
 from .embedder import Embedder
 from .errors import ClipSearchError
+from .http_server import HttpApp, HttpServer
 from .model import ModelLoadError, load_model
 from .observability import Metrics, ObservabilityInterceptor, configure_logging
 from .service import ClipSearchServicer
@@ -84,10 +85,16 @@ async def serve(settings: Settings) -> int:
             port = server.add_insecure_port(address)
         if settings.metrics_port:
             metrics.serve_http(settings.metrics_host, settings.metrics_port)
+        # The same servicer and interceptors answer HTTP calls (Connect, gRPC-Web, JSON).
+        http = (HttpServer(HttpApp(servicer, interceptors, settings), settings)
+                if settings.http_port else None)
     except (RuntimeError, OSError) as exc:
-        log.error("cannot listen on %s: %s", address, exc)
+        log.error("cannot listen on %s (HTTP %s:%d): %s", address, settings.http_host,
+                  settings.http_port, exc)
         return 2
     await server.start()
+    if http is not None:
+        await http.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     security = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
                 else "plaintext")
@@ -104,6 +111,8 @@ async def serve(settings: Settings) -> int:
     except ModelLoadError as exc:
         log.error("model load failed: %s", exc)
         await server.stop(0)
+        if http is not None:
+            await http.stop()
         return 2
     metrics.model_load_seconds.set(model.load_seconds)
     log.info("model %s (%s) loaded on %s, %s, dim %d, in %.1fs; fingerprint %s",
@@ -124,13 +133,16 @@ async def serve(settings: Settings) -> int:
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)
+    if http is not None:
+        log.info("search page: %s", http.url)
 
     snapshots = asyncio.create_task(_snapshot_periodically(collections, settings))
     await stop.wait()
 
     log.info("shutting down: draining calls for up to %.0fs", settings.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.shutdown_grace_s)
+    await asyncio.gather(server.stop(settings.shutdown_grace_s),
+                         http.stop() if http is not None else asyncio.sleep(0))
     snapshots.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await snapshots
