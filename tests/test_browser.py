@@ -50,7 +50,7 @@ def browser() -> Iterator[webdriver.Chrome]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def wait(driver: webdriver.Chrome, condition, what: str, timeout: float = 60):  # noqa: ANN001
+def wait(driver: webdriver.Chrome, condition, what: str, timeout: float = 60) -> object:
     try:
         return WebDriverWait(driver, timeout).until(condition)
     except TimeoutException:

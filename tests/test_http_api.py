@@ -84,7 +84,7 @@ def test_json_in_json_out(server: ServerProcess) -> None:
 
 
 def test_errors_carry_the_grpc_code_message_and_field(server: ServerProcess) -> None:
-    status, body, headers = call(server, "Search", {"collection": "http-photos", "text": "x",
+    status, body, _ = call(server, "Search", {"collection": "http-photos", "text": "x",
                                                     "k": 0})
     assert status == 400 and body["code"] == "invalid_argument"
     assert body["message"] == "k must be 1..1000, not 0"
@@ -236,3 +236,7 @@ def test_http_port_zero_turns_it_off(tiny_checkpoint: Path, tmp_path: Path) -> N
         assert "search page" not in proc.log()
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+def test_the_server_names_the_page_when_ready(server: ServerProcess) -> None:
+    assert f"search page: http://127.0.0.1:{server.http_port}/" in server.log()

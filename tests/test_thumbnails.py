@@ -79,3 +79,27 @@ def test_replacing_with_a_vector_or_deleting_drops_the_thumbnail(stub) -> None:
     item = stub.GetItems(pb.GetItemsRequest(collection="thumbs-replace", ids=ids,
                                             include_thumbnails=True)).items[0]
     assert item.thumbnail == b""
+
+
+def test_cli_index_keeps_thumbnails_by_default(server: ServerProcess, stub, tmp_path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in coco_images(2):
+        shutil.copy(f, photos / f.name)
+    for collection, extra, expect in (("cli-thumbs", [], 256),
+                                      ("cli-no-thumbs", ["--thumbnail-size", "0"], 0)):
+        result = subprocess.run(
+            [sys.executable, "-m", "clipsearch", "--server", server.address, "index",
+             str(photos), "--collection", collection, *extra],
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        info = stub.GetCollection(pb.GetCollectionRequest(name=collection)).collection
+        assert info.thumbnail_size == expect
+        items = stub.ListItems(pb.ListItemsRequest(collection=collection,
+                                                   include_thumbnails=True)).items
+        assert len(items) == 2
+        assert all(bool(i.thumbnail) == bool(expect) for i in items)
