@@ -193,22 +193,25 @@ class ClipSearchServicer(pb_grpc.ClipSearchServiceServicer):
         if (images or texts) and existing is not None:
             existing.check_model(self.model.fingerprint)
         deadline = _deadline(context)
-        for positions, embedded in (
-            ([i for i, _ in images],
-             await self._embed_images([b for _, b in images], deadline, bulk=True)),
-            ([i for i, _ in texts],
-             await self._embed_texts([t for _, t in texts], deadline, bulk=True)),
-        ):
-            for row, i in enumerate(positions):
-                if row in embedded.errors:
-                    errors[i] = embedded.errors[row]
-                else:
-                    vectors[i] = embedded.vectors[row]
+        # Thumbnails are made while the model embeds the same images.
         size = existing.thumbnail_size if existing is not None else DEFAULT_THUMBNAIL_SIZE
-        kept = [(i, b) for i, b in images if i not in errors]
-        thumbs = dict(zip([i for i, _ in kept], await asyncio.to_thread(
-            make_thumbnails, [b for _, b in kept], size, self.settings.max_image_pixels),
-            strict=True))
+        thumbnailing = asyncio.get_running_loop().run_in_executor(
+            None, make_thumbnails, [b for _, b in images], size, self.settings.max_image_pixels)
+        try:
+            for positions, embedded in (
+                ([i for i, _ in images],
+                 await self._embed_images([b for _, b in images], deadline, bulk=True)),
+                ([i for i, _ in texts],
+                 await self._embed_texts([t for _, t in texts], deadline, bulk=True)),
+            ):
+                for row, i in enumerate(positions):
+                    if row in embedded.errors:
+                        errors[i] = embedded.errors[row]
+                    else:
+                        vectors[i] = embedded.vectors[row]
+            thumbs = dict(zip([i for i, _ in images], await thumbnailing, strict=True))
+        finally:
+            thumbnailing.cancel()  # no-op once done; an error above leaves it unused
         new_items = [NewItem(request.items[i].id, vectors[i], metadata[i], thumbs.get(i))
                      for i in sorted(vectors) if i not in errors]
         written = 0

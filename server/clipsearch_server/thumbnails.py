@@ -34,7 +34,7 @@ def make_thumbnail(data: bytes, long_side: int, max_pixels: int) -> bytes:
     img = decode_image(data, max_pixels, draft_size=long_side)
     img.thumbnail((long_side, long_side), Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    img.save(out, format="WEBP", quality=WEBP_QUALITY, method=4)
+    img.save(out, format="WEBP", quality=WEBP_QUALITY, method=2)  # 4 costs 25 % more, same size
     return out.getvalue()
 
 
