@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from test_security import Pki, pki  # noqa: F401 - its certificate fixture
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 from conftest import ServerProcess, coco_images
@@ -240,3 +241,40 @@ def test_http_port_zero_turns_it_off(tiny_checkpoint: Path, tmp_path: Path) -> N
 
 def test_the_server_names_the_page_when_ready(server: ServerProcess) -> None:
     assert f"search page: http://127.0.0.1:{server.http_port}/" in server.log()
+
+
+
+def test_http_door_uses_the_grpc_tls_settings(tiny_checkpoint: Path, tmp_path: Path,
+                                              pki: Pki) -> None:  # noqa: F811 - the fixture
+    import ssl
+
+    creds = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
+                                         pki.client_cert.read_bytes())
+    proc = ServerProcess(tiny_checkpoint, tmp_path / "data", "--tls-cert", str(pki.server_cert),
+                         "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
+                         credentials=creds).start()
+    try:
+        assert f"search page: https://127.0.0.1:{proc.http_port}/" in proc.log()
+
+        def post(context: ssl.SSLContext) -> int:
+            conn = http.client.HTTPSConnection("localhost", proc.http_port, context=context,
+                                               timeout=10)
+            try:
+                conn.request("POST", SERVICE + "ListCollections", body=b"{}",
+                             headers={"Content-Type": "application/json"})
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        trusted = ssl.create_default_context(cafile=str(pki.ca))
+        with_cert = ssl.create_default_context(cafile=str(pki.ca))
+        with_cert.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        assert post(with_cert) == 200
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            post(trusted)  # mutual TLS: no client certificate, no call
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            conn = http.client.HTTPConnection("127.0.0.1", proc.http_port, timeout=10)
+            conn.request("GET", "/")
+            conn.getresponse()  # plaintext to a TLS port
+    finally:
+        assert proc.stop() == 0, proc.log()
