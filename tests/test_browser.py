@@ -216,3 +216,28 @@ def test_token_login(browser: webdriver.Chrome, secured: ServerProcess) -> None:
     wait(d, lambda d: len(result_ids(d)) == 2, "the collection's items")
     wait(d, lambda d: thumbnails_loaded(d) == 2, "thumbnails fetched with the token")
     shot(d, "signed-in")
+
+
+def test_load_more_and_items_without_pictures(browser: webdriver.Chrome,
+                                              photos_server: ServerProcess) -> None:
+    from clipsearch import Client
+
+    texts = [f"caption number {i}" for i in range(30)]
+    with Client(photos_server.address) as client:
+        client.upsert("browser-texts", ids=[f"t{i:02d}" for i in range(30)], texts=texts,
+                      metadata=[{"n": i} for i in range(30)])
+    d = browser
+    d.get(photos_server.http_url + "/?collection=browser-texts")
+    wait(d, lambda d: "browser-texts (30)" in d.find_element(By.ID, "collection").text,
+         "the text collection")
+    d.find_element(By.ID, "query").send_keys("caption")
+    wait(d, lambda d: len(result_ids(d)) == 24 and d.find_element(By.ID, "more").is_displayed(),
+         "a first page of 24 with 'Load more'")
+    d.find_element(By.ID, "more").click()
+    wait(d, lambda d: len(result_ids(d)) == 30, "all 30 after 'Load more'")
+    assert sorted(result_ids(d)) == [f"t{i:02d}" for i in range(30)]
+    wait(d, lambda d: not d.find_element(By.ID, "more").is_displayed(), "'Load more' to go")
+    # text items have no thumbnail: their id stands in for the picture
+    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card .nothumb")) == 30,
+         "placeholders for items without a picture")
+    shot(d, "load-more")

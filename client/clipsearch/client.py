@@ -145,7 +145,7 @@ class CollectionInfo:
     ef_construction: int
     created_at: float
     # long side of the WebP thumbnails kept for image items; 0 = none
-    thumbnail_size: int = 256
+    thumbnail_size: int = 0
 
     @classmethod
     def _from_proto(cls, msg: pb.CollectionInfo) -> CollectionInfo:
