@@ -169,6 +169,22 @@ def test_search_page(browser: webdriver.Chrome, photos_server: ServerProcess) ->
     d.find_element(By.ID, "clear-filters").click()
     wait(d, lambda d: len(result_ids(d)) == PHOTOS, "the results without filters")
 
+    # filter: a time range (the picker's local time; photos were taken mid-month at noon)
+    d.find_element(By.ID, "add-filter").click()
+    row = d.find_element(By.CSS_SELECTOR, ".filter-row")
+    key, op = row.find_elements(By.CSS_SELECTOR, "input, select")[:2]
+    key.send_keys("taken")
+    d.execute_script("""
+        const [op, from] = arguments[0].querySelectorAll('select, input[aria-label="Value"]');
+        op.value = 'time';
+        op.dispatchEvent(new Event('change'));
+        from.value = '2020-03-01T00:00';""", row)
+    d.find_element(By.ID, "apply-filters").click()
+    expected = sorted(f.name for f in coco_images(PHOTOS)[2:])  # taken in March or later
+    wait(d, lambda d: sorted(result_ids(d)) == expected, "the time-filtered results")
+    d.find_element(By.ID, "clear-filters").click()
+    wait(d, lambda d: len(result_ids(d)) == PHOTOS, "the results without filters")
+
     # readable on a phone: no sideways scrolling, two columns of results
     d.set_window_size(390, 844)
     try:
