@@ -158,7 +158,7 @@ def test_page_is_served_with_safe_headers(server: ServerProcess) -> None:
     assert status == 200 and b"<html" in body.lower()
     assert headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in headers["content-security-policy"]
-    for asset in ("/app.js", "/style.css"):
+    for asset in ("/app.js", "/api.js", "/filters.js", "/style.css"):
         assert get(server, asset)[0] == 200
 
 

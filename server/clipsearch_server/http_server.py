@@ -5,7 +5,7 @@ One ASGI application under uvicorn, in the gRPC server's process and event loop:
   shared servicer (connect_bridge.py), so both doors share validation, auth, metrics and ids;
 - `GET /thumbnail?collection=C&id=I`: an item's WebP thumbnail, read through the same GetItems
   call (same auth and validation; nothing is read from the file system), with an ETag;
-- `/`, `/app.js`, `/style.css`: the page, from a fixed list of files shipped in `web/`.
+- `/` and its scripts and style sheet: the page, from a fixed list of files shipped in `web/`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 RPC_PREFIX = f"/{SERVICE.full_name}/"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+              "/api.js": ("api.js", "text/javascript; charset=utf-8"),
+              "/filters.js": ("filters.js", "text/javascript; charset=utf-8"),
               "/style.css": ("style.css", "text/css; charset=utf-8")}
 # The page talks only to its own origin and never runs inline script.
 PAGE_SECURITY = [

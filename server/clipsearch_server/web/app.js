@@ -1,52 +1,17 @@
 // clipsearch search page: calls the Connect JSON API of the server that serves it.
 // No framework and no build step. Metadata and ids are user data: they are only ever put on
 // the page with textContent, never as HTML.
-"use strict";
+import { TOKEN_KEY, rpc, thumbnailUrl } from "./api.js";
+import { addFilterRow, readFilters } from "./filters.js";
 
-const API = "/clipsearch.v1.ClipSearchService/";
 const PAGE = 24;            // results per "load more"
 const DEBOUNCE_MS = 250;    // search-as-you-type waits this long after the last key
-const TOKEN_KEY = "clipsearch.token";
 
 const $ = (id) => document.getElementById(id);
 const state = {
   collection: "", query: null, k: PAGE, maxK: 1000, shown: new Set(), seq: 0,
   blobs: [], filters: null, selected: null,
 };
-
-// ---- the API ---------------------------------------------------------------------------
-class ApiError extends Error {
-  constructor(code, message) { super(message); this.code = code; }
-}
-
-async function rpc(method, body) {
-  const headers = { "Content-Type": "application/json" };
-  const token = sessionStorage.getItem(TOKEN_KEY);
-  if (token) headers.Authorization = `Bearer ${token}`;
-  let reply;
-  try {
-    reply = await fetch(API + method, { method: "POST", headers, body: JSON.stringify(body) });
-  } catch (err) {
-    throw new ApiError("unavailable", "cannot reach the server");
-  }
-  const text = await reply.text();
-  let data = {};
-  try { data = text ? JSON.parse(text) : {}; } catch (err) { data = { message: text }; }
-  if (!reply.ok) throw new ApiError(data.code || "unknown", data.message || reply.statusText);
-  return data;
-}
-
-async function thumbnailUrl(id) {
-  const url = `/thumbnail?collection=${encodeURIComponent(state.collection)}` +
-              `&id=${encodeURIComponent(id)}`;
-  const token = sessionStorage.getItem(TOKEN_KEY);
-  if (!token) return url; // the browser caches it by its ETag
-  const reply = await fetch(url, { headers: { Authorization: `Bearer ${token}` } });
-  if (!reply.ok) return null;
-  const blob = URL.createObjectURL(await reply.blob());
-  state.blobs.push(blob);
-  return blob;
-}
 
 // ---- status, errors and sign-in -------------------------------------------------------
 function setStatus(text, kind = "") {
@@ -242,7 +207,7 @@ function render(hits, withScore) {
     img.alt = hit.id;
     img.loading = "lazy";
     img.decoding = "async";
-    thumbnailUrl(hit.id).then((url) => { if (url) img.src = url; });
+    thumbnailUrl(state.collection, hit.id, state.blobs).then((url) => { if (url) img.src = url; });
     img.addEventListener("error", () => {
       const none = document.createElement("span");
       none.className = "nothumb";
@@ -357,90 +322,18 @@ window.addEventListener("paste", (event) => {
 });
 
 // ---- filters ----------------------------------------------------------------------------
-const OPS = [["equals", "="], ["range", "number between"], ["time", "time between"],
-             ["exists", "exists"]];
-
-function addFilterRow() {
-  const row = document.createElement("div");
-  row.className = "filter-row";
-  const key = input("text", "key", "Metadata key, e.g. album or exif.camera");
-  const op = document.createElement("select");
-  op.setAttribute("aria-label", "Condition");
-  for (const [value, label] of OPS) {
-    const o = document.createElement("option");
-    o.value = value;
-    o.textContent = label;
-    op.append(o);
-  }
-  const a = input("text", "value", "Value");
-  const b = input("text", "to", "Upper bound");
-  b.hidden = true;
-  op.addEventListener("change", () => {
-    const kind = op.value;
-    a.type = b.type = kind === "time" ? "datetime-local" : kind === "range" ? "number" : "text";
-    a.placeholder = kind === "equals" ? "value" : "from";
-    a.hidden = kind === "exists";
-    b.hidden = kind === "equals" || kind === "exists";
-  });
-  const remove = document.createElement("button");
-  remove.type = "button";
-  remove.textContent = "Remove";
-  remove.addEventListener("click", () => row.remove());
-  row.append(key, op, a, b, remove);
-  $("filter-rows").append(row);
-  key.focus();
-}
-
-function input(type, placeholder, label) {
-  const el = document.createElement("input");
-  el.type = type;
-  el.placeholder = placeholder;
-  el.setAttribute("aria-label", label);
-  return el;
-}
-
-function scalar(text) {
-  if (text === "true" || text === "false") return text === "true";
-  if (text === "null") return null;
-  if (text.trim() !== "" && !Number.isNaN(Number(text))) return Number(text);
-  return text;
-}
-
-function readFilters() {
-  const filters = [];
-  for (const row of document.querySelectorAll(".filter-row")) {
-    const [key, op, a, b] = row.querySelectorAll("input, select");
-    if (!key.value.trim()) continue;
-    const field = { key: key.value.trim() };
-    if (op.value === "equals") field.equals = scalar(a.value);
-    if (op.value === "exists") field.exists = true;
-    if (op.value === "range") {
-      field.range = {};
-      if (a.value !== "") field.range.gte = Number(a.value);
-      if (b.value !== "") field.range.lte = Number(b.value);
-    }
-    if (op.value === "time") {
-      field.timeRange = {};
-      if (a.value) field.timeRange.gte = new Date(a.value).toISOString();
-      if (b.value) field.timeRange.lte = new Date(b.value).toISOString();
-    }
-    filters.push({ field });
-  }
-  $("filter-count").textContent = filters.length ? `(${filters.length})` : "";
-  if (!filters.length) return null;
-  return filters.length === 1 ? filters[0] : { allOf: { filters } };
-}
-
-$("add-filter").addEventListener("click", addFilterRow);
-$("apply-filters").addEventListener("click", () => {
-  state.filters = readFilters();
+function applyFilters() {
+  const { filter, count } = readFilters($("filter-rows"));
+  state.filters = filter;
+  $("filter-count").textContent = count ? `(${count})` : "";
   if (state.query) search(true); else { clearResults(); browse(); }
-});
+}
+
+$("add-filter").addEventListener("click", () => addFilterRow($("filter-rows")));
+$("apply-filters").addEventListener("click", applyFilters);
 $("clear-filters").addEventListener("click", () => {
   $("filter-rows").replaceChildren();
-  state.filters = null;
-  $("filter-count").textContent = "";
-  if (state.query) search(true); else { clearResults(); browse(); }
+  applyFilters();
 });
 
 // ---- keyboard ---------------------------------------------------------------------------
