@@ -114,12 +114,14 @@ def test_errors_carry_the_grpc_code_message_and_field(server: ServerProcess) -> 
 
 def test_connect_binary_and_grpc_web(server: ServerProcess) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    request = pb.GetCollectionRequest(name="http-photos").SerializeToString()
-    conn.request("POST", SERVICE + "GetCollection", body=request,
+    create = pb.CreateCollectionRequest(name="http-binary", thumbnail_size=64)
+    conn.request("POST", SERVICE + "CreateCollection", body=create.SerializeToString(),
                  headers={"Content-Type": "application/proto"})
     reply = conn.getresponse()
     assert reply.status == 200
-    assert pb.GetCollectionResponse.FromString(reply.read()).collection.count == 4
+    created = pb.CreateCollectionResponse.FromString(reply.read()).collection
+    assert (created.name, created.thumbnail_size) == ("http-binary", 64)
+    request = pb.GetCollectionRequest(name="http-binary").SerializeToString()
     # gRPC-Web: a length-prefixed frame in, a message frame and a trailer frame out
     conn.request("POST", SERVICE + "GetCollection",
                  body=b"\x00" + struct.pack(">I", len(request)) + request,
@@ -129,7 +131,7 @@ def test_connect_binary_and_grpc_web(server: ServerProcess) -> None:
     assert reply.status == 200
     flag, size = data[0], struct.unpack(">I", data[1:5])[0]
     assert flag == 0
-    assert pb.GetCollectionResponse.FromString(data[5:5 + size]).collection.name == "http-photos"
+    assert pb.GetCollectionResponse.FromString(data[5:5 + size]).collection.name == "http-binary"
     assert b"grpc-status:0" in data[5 + size:].replace(b" ", b"")
     conn.close()
 
