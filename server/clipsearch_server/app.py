@@ -94,7 +94,12 @@ async def serve(settings: Settings) -> int:
         return 2
     await server.start()
     if http is not None:
-        await http.start()
+        try:
+            await http.start()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("cannot serve HTTP on %s:%d: %s", settings.http_host, http.port, exc)
+            await server.stop(0)
+            return 2
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     security = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
                 else "plaintext")
