@@ -79,7 +79,9 @@ def test_json_in_json_out(server: ServerProcess) -> None:
                                                                    "range": {"lte": 1}}}})
     assert status == 200 and len(body["hits"]) == 2
     assert all(base64.b64decode(h["thumbnail"])[:4] == b"RIFF" for h in body["hits"])
-    status, body, _ = call(server, "ListCollections", {})
+    status, body, headers = call(server, "ListCollections", {},
+                                 headers={"X-Request-Id": "page-call-42"})
+    assert headers["x-request-id"] == "page-call-42"  # the caller's id, as over gRPC
     assert {"name": "http-photos", "count": "4"}.items() <= next(
         c for c in body["collections"] if c["name"] == "http-photos").items()
 
