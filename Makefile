@@ -6,7 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SERVE_ARGS ?=
 
-.PHONY: serve serve-random test lint protos clean
+# apt-get needs root: sudo when we are not
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: serve serve-random test lint protos clean browser-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +30,16 @@ serve: $(VENV)/.server-installed
 serve-random: $(VENV)/.server-installed
 	$(BIN)/clipsearch serve --data-dir data --random-weights $(SERVE_ARGS)
 
-test: $(VENV)/.dev-installed
+test: $(VENV)/.dev-installed browser-deps
 	$(BIN)/python -m pytest
+
+# The browser tests drive Debian's chromium through chromium-driver: install them when missing.
+browser-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing chromium and chromium-driver for the browser tests"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$(SUDO) apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
@@ -36,7 +47,9 @@ lint: $(VENV)/.dev-installed
 
 protos: $(VENV)/.dev-installed
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=client --pyi_out=client \
-		--grpc_python_out=client protos/clipsearch/v1/clipsearch.proto
+		--grpc_python_out=client \
+		--plugin=protoc-gen-connect-python=$(BIN)/protoc-gen-connect-python \
+		--connect-python_out=client protos/clipsearch/v1/clipsearch.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

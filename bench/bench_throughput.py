@@ -67,7 +67,8 @@ def start_server(model: str, data_dir: Path, extra: list[str]) -> tuple[subproce
     log = open(data_dir.parent / "server.log", "wb")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "clipsearch_server", "--port", str(port), "--model", model,
-         "--random-weights", "--data-dir", str(data_dir), "--device", "cpu", *extra],
+         "--random-weights", "--data-dir", str(data_dir), "--device", "cpu",
+         "--http-port", "0", *extra],
         stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:

@@ -76,6 +76,8 @@ class ServerProcess:
         self.credentials = credentials  # how the readiness probe connects (TLS servers)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http_port = free_port()  # never the default 8080: tests run side by side
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = data_dir.parent / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -84,7 +86,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "clipsearch_server", "--host", "127.0.0.1",
                "--port", str(self.port), "--model", TINY_MODEL,
                "--checkpoint", str(self.checkpoint), "--data-dir", str(self.data_dir),
-               "--device", TEST_DEVICE, *self.extra]
+               "--device", TEST_DEVICE, "--http-port", str(self.http_port), *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -11,13 +11,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PROTO = "clipsearch/v1/clipsearch.proto"
-STUBS = ("clipsearch_pb2.py", "clipsearch_pb2.pyi", "clipsearch_pb2_grpc.py")
+STUBS = ("clipsearch_pb2.py", "clipsearch_pb2.pyi", "clipsearch_pb2_grpc.py",
+         "clipsearch_connect.py")
+PLUGIN = Path(sys.executable).parent / "protoc-gen-connect-python"
 
 
 def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'protos'}",
          f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+         f"--plugin=protoc-gen-connect-python={PLUGIN}", f"--connect-python_out={tmp_path}",
          PROTO],
         check=True,
     )

@@ -131,6 +131,9 @@ def _index(client: Client, args: argparse.Namespace) -> int:
 
     failed = len(found.unreadable)
     indexed = 0
+    if args.thumbnail_size is not None and args.collection not in {
+            c.name for c in client.collections()}:
+        client.create_collection(args.collection, thumbnail_size=args.thumbnail_size)
     if found.images:
         try:
             indexed = client.upsert(
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("dir", metavar="DIR")
     index.add_argument("--collection", required=True, metavar="NAME")
     index.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    index.add_argument("--thumbnail-size", type=int, default=None, metavar="PX",
+                       help="long side of the thumbnails a new collection keeps for the search "
+                       "page (default: the server's, 256; 0 = none)")
     index.add_argument("-v", "--verbose", action="store_true", help="name the skipped files")
 
     search = commands.add_parser("search", help="search a collection")

@@ -145,6 +145,8 @@ class CollectionInfo:
     m: int
     ef_construction: int
     created_at: float
+    # long side of the WebP thumbnails kept for image items; 0 = none
+    thumbnail_size: int = 0
 
     @classmethod
     def _from_proto(cls, msg: pb.CollectionInfo) -> CollectionInfo:
@@ -156,6 +158,7 @@ class CollectionInfo:
             m=msg.hnsw.m,
             ef_construction=msg.hnsw.ef_construction,
             created_at=msg.created_at,
+            thumbnail_size=msg.thumbnail_size,
         )
 
 
@@ -510,11 +513,17 @@ class Client(AnalysisMixin):
     # ---- collections -------------------------------------------------------------------
 
     def create_collection(
-        self, name: str, *, m: int = 0, ef_construction: int = 0
+        self, name: str, *, m: int = 0, ef_construction: int = 0,
+        thumbnail_size: int | None = None,
     ) -> CollectionInfo:
-        """Creates an empty collection; zero HNSW settings take the server's defaults."""
+        """Creates an empty collection; zero HNSW settings take the server's defaults.
+
+        ``thumbnail_size`` is the long side of the WebP thumbnails kept for image items
+        (None: the server's 256; 0: none).
+        """
         request = pb.CreateCollectionRequest(
-            name=name, hnsw=pb.HnswConfig(m=m, ef_construction=ef_construction)
+            name=name, hnsw=pb.HnswConfig(m=m, ef_construction=ef_construction),
+            thumbnail_size=thumbnail_size,
         )
         return CollectionInfo._from_proto(self._call("CreateCollection", request).collection)
 

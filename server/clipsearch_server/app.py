@@ -27,6 +27,7 @@ from .config import Settings, parse_settings
 from .device_decode import device_decoder
 from .embedder import Embedder
 from .errors import ClipSearchError
+from .http_server import HttpApp, HttpServer
 from .model import ModelLoadError, load_model
 from .observability import Metrics, ObservabilityInterceptor, configure_logging
 from .service import ClipSearchServicer
@@ -85,10 +86,21 @@ async def serve(settings: Settings) -> int:
             port = server.add_insecure_port(address)
         if settings.metrics_port:
             metrics.serve_http(settings.metrics_host, settings.metrics_port)
+        # The same servicer and interceptors answer HTTP calls (Connect, gRPC-Web, JSON).
+        http = (HttpServer(HttpApp(servicer, interceptors, settings), settings)
+                if settings.http_port else None)
     except (RuntimeError, OSError) as exc:
-        log.error("cannot listen on %s: %s", address, exc)
+        log.error("cannot listen on %s (HTTP %s:%d): %s", address, settings.http_host,
+                  settings.http_port, exc)
         return 2
     await server.start()
+    if http is not None:
+        try:
+            await http.start()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("cannot serve HTTP on %s:%d: %s", settings.http_host, http.port, exc)
+            await server.stop(0)
+            return 2
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     security = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
                 else "plaintext")
@@ -107,6 +119,8 @@ async def serve(settings: Settings) -> int:
     except (ModelLoadError, RuntimeError) as exc:
         log.error("model load failed: %s", exc)
         await server.stop(0)
+        if http is not None:
+            await http.stop()
         return 2
     metrics.model_load_seconds.set(model.load_seconds)
     log.info("model %s (%s) loaded on %s, %s, dim %d, in %.1fs; fingerprint %s",
@@ -128,13 +142,16 @@ async def serve(settings: Settings) -> int:
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)
+    if http is not None:
+        log.info("search page: %s", http.url)
 
     snapshots = asyncio.create_task(_snapshot_periodically(collections, settings))
     await stop.wait()
 
     log.info("shutting down: draining calls for up to %.0fs", settings.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.shutdown_grace_s)
+    await asyncio.gather(server.stop(settings.shutdown_grace_s),
+                         http.stop() if http is not None else asyncio.sleep(0))
     snapshots.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await snapshots

@@ -30,6 +30,7 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import MATCH_ALL, SqlFilter
 from .index import HnswIndex, SnapshotInvalid, fsync_dir
 from .store import NewItem, Record, Store
+from .thumbnails import DEFAULT_THUMBNAIL_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class CollectionInfo:
     m: int
     ef_construction: int
     created_at: float
+    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Collection:
         self.dim = int(meta["dim"])
         self.model_fingerprint = meta["model_fingerprint"]
         self.created_at = float(meta["created_at"])
+        self.thumbnail_size = int(meta.get("thumbnail_size", DEFAULT_THUMBNAIL_SIZE))
         self.index = HnswIndex(folder, self.dim, int(meta["m"]), int(meta["ef_construction"]))
         self._count = store.count()
         self._closed = False
@@ -93,13 +96,14 @@ class Collection:
 
     # --- lifecycle ------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, dim: int, fingerprint: str, m: int, ef_construction: int
-               ) -> Collection:
+    def create(cls, folder: Path, dim: int, fingerprint: str, m: int, ef_construction: int,
+               thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE) -> Collection:
         folder.mkdir(parents=True)
         store = Store(folder / STORE_FILE)
         store.write_meta({"dim": str(dim), "model_fingerprint": fingerprint, "m": str(m),
                           "ef_construction": str(ef_construction),
-                          "created_at": repr(time.time())})
+                          "created_at": repr(time.time()),
+                          "thumbnail_size": str(thumbnail_size)})
         fsync_dir(folder.parent)
         return cls(folder, store, store.read_meta())
 
@@ -196,7 +200,8 @@ class Collection:
     # --- operations ---------------------------------------------------------------------
     def info(self) -> CollectionInfo:
         return CollectionInfo(self.name, self._count, self.dim, self.model_fingerprint,
-                              self.index.m, self.index.ef_construction, self.created_at)
+                              self.index.m, self.index.ef_construction, self.created_at,
+                              self.thumbnail_size)
 
     def count(self) -> int:
         return self._count
@@ -241,6 +246,11 @@ class Collection:
         with self.index.lock.read():
             self._check_open()
             return self.store.get_by_ids(ids)
+
+    def thumbnails(self, ids: list[str]) -> dict[str, bytes]:
+        with self.index.lock.read():
+            self._check_open()
+            return self.store.thumbnails(ids)
 
     def search(self, vector: np.ndarray, k: int, ef: int, where: SqlFilter = MATCH_ALL
                ) -> list[SearchHit]:
@@ -356,8 +366,8 @@ class Collections:
             raise NotFound(f"collection {name!r} does not exist")
         return collection
 
-    def create(self, name: str, m: int = 0, ef_construction: int = 0, exist_ok: bool = False
-               ) -> Collection:
+    def create(self, name: str, m: int = 0, ef_construction: int = 0, exist_ok: bool = False,
+               thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE) -> Collection:
         check_name(name)
         with self._lock:
             if name in self._open:
@@ -365,7 +375,8 @@ class Collections:
                     return self._open[name]
                 raise AlreadyExists(f"collection {name!r} already exists")
             collection = Collection.create(self.root / name, self.dim, self.fingerprint,
-                                           m or self.m, ef_construction or self.ef_construction)
+                                           m or self.m, ef_construction or self.ef_construction,
+                                           thumbnail_size)
             self._open[name] = collection
             log.info("created collection %s (dim %d, model %s)", name, self.dim, self.fingerprint)
             return collection

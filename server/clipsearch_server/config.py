@@ -61,6 +61,8 @@ class Settings:
     tls_client_ca: Path | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
 
     @property
     def weights_source(self) -> str:
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     path_opt(p, "--tls-client-ca", "CA (PEM) that client certificates must chain to: mutual TLS")
     opt("--metrics-host", str, d.metrics_host, "address of the Prometheus metrics endpoint")
     opt("--metrics-port", int, d.metrics_port, "port of the Prometheus metrics endpoint; 0 = off")
+    opt("--http-host", str, d.http_host, "address of the HTTP door (Connect/gRPC-Web/JSON API "
+        "and the search page); TLS settings apply to it too")
+    opt("--http-port", int, d.http_port, "port of the HTTP door; 0 = off")
     return p
 
 
@@ -206,6 +211,8 @@ def validate(s: Settings) -> str | None:
         return f"--precision must be fp32, fp16 or bf16, not {s.precision!r}"
     if not 0 <= s.port <= 65535:
         return f"--port must be 0..65535, not {s.port}"
+    if not 0 <= s.http_port <= 65535:
+        return f"--http-port must be 0..65535 (0 = off), not {s.http_port}"
     for name in ("max_message_bytes", "max_batch_size", "max_items_per_request", "max_k",
                  "max_concurrent_rpcs", "max_queued_batches",
                  "default_ef", "default_ef_text", "max_ef",

@@ -34,6 +34,7 @@ from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
 from .filters import MATCH_ALL, SqlFilter, compile_filter
 from .model import ClipModel
 from .store import NewItem
+from .thumbnails import DEFAULT_THUMBNAIL_SIZE, check_size, make_thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,11 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         if efc and not 1 <= efc <= 4096:
             raise InvalidArgument(f"hnsw.ef_construction must be 1..4096, not {efc}",
                                   "hnsw.ef_construction")
-        collection = await asyncio.to_thread(self.collections.create, request.name, m, efc)
+        thumbs = (request.thumbnail_size if request.HasField("thumbnail_size")
+                  else DEFAULT_THUMBNAIL_SIZE)
+        check_size(thumbs)
+        collection = await asyncio.to_thread(self.collections.create, request.name, m, efc,
+                                             False, thumbs)
         return pb.CreateCollectionResponse(collection=_collection_info(collection.info()))
 
     @grpc_errors
@@ -190,18 +195,26 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         if (images or texts) and existing is not None:
             existing.check_model(self.model.fingerprint)
         deadline = _deadline(context)
-        for positions, embedded in (
-            ([i for i, _ in images],
-             await self._embed_images([b for _, b in images], deadline, bulk=True)),
-            ([i for i, _ in texts],
-             await self._embed_texts([t for _, t in texts], deadline, bulk=True)),
-        ):
-            for row, i in enumerate(positions):
-                if row in embedded.errors:
-                    errors[i] = embedded.errors[row]
-                else:
-                    vectors[i] = embedded.vectors[row]
-        new_items = [NewItem(request.items[i].id, vectors[i], metadata[i])
+        # Thumbnails are made while the model embeds the same images.
+        size = existing.thumbnail_size if existing is not None else DEFAULT_THUMBNAIL_SIZE
+        thumbnailing = asyncio.get_running_loop().run_in_executor(
+            None, make_thumbnails, [b for _, b in images], size, self.settings.max_image_pixels)
+        try:
+            for positions, embedded in (
+                ([i for i, _ in images],
+                 await self._embed_images([b for _, b in images], deadline, bulk=True)),
+                ([i for i, _ in texts],
+                 await self._embed_texts([t for _, t in texts], deadline, bulk=True)),
+            ):
+                for row, i in enumerate(positions):
+                    if row in embedded.errors:
+                        errors[i] = embedded.errors[row]
+                    else:
+                        vectors[i] = embedded.vectors[row]
+            thumbs = dict(zip([i for i, _ in images], await thumbnailing, strict=True))
+        finally:
+            thumbnailing.cancel()  # no-op once done; an error above leaves it unused
+        new_items = [NewItem(request.items[i].id, vectors[i], metadata[i], thumbs.get(i))
                      for i in sorted(vectors) if i not in errors]
         written = 0
         if new_items:
@@ -219,6 +232,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         self._check_count(len(request.ids), "ids")
         collection = self.collections.get(request.collection)
         found = await asyncio.to_thread(collection.get, list(request.ids))
+        thumbs = await _thumbnails(collection, list(found), request.include_thumbnails)
         items, missing = [], []
         for id_ in request.ids:
             record = found.get(id_)
@@ -226,7 +240,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
                 missing.append(id_)
                 continue
             items.append(pb.StoredItem(
-                id=record.id, metadata=_struct(record.metadata),
+                id=record.id, metadata=_struct(record.metadata), thumbnail=thumbs.get(id_),
                 vector=_vector(record.vector) if request.include_vectors else None))
         return pb.GetItemsResponse(items=items, missing_ids=missing)
 
@@ -258,8 +272,9 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         records = await asyncio.to_thread(collection.page, _where(request), after, size + 1)
         more = len(records) > size
         records = records[:size]
+        thumbs = await _thumbnails(collection, [r.id for r in records], request.include_thumbnails)
         return pb.ListItemsResponse(
-            items=[pb.StoredItem(id=r.id, metadata=_struct(r.metadata),
+            items=[pb.StoredItem(id=r.id, metadata=_struct(r.metadata), thumbnail=thumbs.get(r.id),
                                  vector=_vector(r.vector) if request.include_vectors else None)
                    for r in records],
             next_page_token=_encode_page_token(records[-1].id) if more else "",
@@ -279,8 +294,9 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         default_ef = s.default_ef_text if request.WhichOneof("query") == "text" else s.default_ef
         hits = await asyncio.to_thread(
             collection.search, query, request.k, request.ef or default_ef, where)
+        thumbs = await _thumbnails(collection, [h.id for h in hits], request.include_thumbnails)
         return pb.SearchResponse(hits=[
-            pb.Hit(id=h.id, score=h.score, metadata=_struct(h.metadata),
+            pb.Hit(id=h.id, score=h.score, metadata=_struct(h.metadata), thumbnail=thumbs.get(h.id),
                    vector=_vector(h.vector) if request.include_vectors else None)
             for h in hits
         ])
@@ -347,6 +363,11 @@ def _status_with_field(code: grpc.StatusCode, message: str, field: str) -> grpc.
     detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     return rpc_status.to_status(
         status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+
+
+async def _thumbnails(collection: Collection, ids: list[str], wanted: bool) -> dict[str, bytes]:
+    """The thumbnails of these ids when the request asked for them."""
+    return await asyncio.to_thread(collection.thumbnails, ids) if wanted and ids else {}
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -441,5 +462,5 @@ def _collection_info(info: CollectionInfo) -> pb.CollectionInfo:
     return pb.CollectionInfo(
         name=info.name, count=info.count, dim=info.dim, model_fingerprint=info.model_fingerprint,
         hnsw=pb.HnswConfig(m=info.m, ef_construction=info.ef_construction),
-        created_at=info.created_at,
+        created_at=info.created_at, thumbnail_size=info.thumbnail_size,
     )

@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE TABLE IF NOT EXISTS vectors (label INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS items_by_seq ON items (seq);
 CREATE TABLE IF NOT EXISTS deletions (label INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+-- Small WebP previews of image items, apart so that searches and scans never read them.
+CREATE TABLE IF NOT EXISTS thumbnails (label INTEGER PRIMARY KEY, webp BLOB NOT NULL);
 """
 
 
@@ -54,6 +56,8 @@ class NewItem:
     id: str
     vector: np.ndarray
     metadata: dict
+    # WebP preview of an image item; None removes any earlier one.
+    thumbnail: bytes | None = None
 
 
 class Store:
@@ -140,6 +144,11 @@ class Store:
                     "ON CONFLICT(label) DO UPDATE SET vector = excluded.vector",
                     (label, _vector_bytes(item.vector)),
                 )
+                if item.thumbnail is None:
+                    self._db.execute("DELETE FROM thumbnails WHERE label = ?", (label,))
+                else:
+                    self._db.execute("INSERT OR REPLACE INTO thumbnails(label, webp) VALUES (?, ?)",
+                                     (label, item.thumbnail))
                 labels.append(label)
             created = next_label - self._meta_int("next_label")
             self._set_meta_int("seq", seq)
@@ -162,6 +171,8 @@ class Store:
             seq += 1
             self._db.executemany("DELETE FROM items WHERE label = ?", [(lb,) for lb in labels])
             self._db.executemany("DELETE FROM vectors WHERE label = ?", [(lb,) for lb in labels])
+            self._db.executemany("DELETE FROM thumbnails WHERE label = ?",
+                                 [(lb,) for lb in labels])
             self._db.executemany(
                 "INSERT OR REPLACE INTO deletions(label, seq) VALUES (?, ?)",
                 [(lb, seq) for lb in labels],
@@ -209,6 +220,17 @@ class Store:
                 rows = self._db.execute(
                     f"{_RECORD_SELECT} WHERE items.id IN ({_marks(chunk)})", chunk).fetchall()
             found.update((row[0], _record(row)) for row in rows)
+        return found
+
+    def thumbnails(self, ids: list[str]) -> dict[str, bytes]:
+        """The stored thumbnails of these ids (ids without one are left out)."""
+        found: dict[str, bytes] = {}
+        for chunk in _chunks(list(dict.fromkeys(ids))):
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT items.id, thumbnails.webp FROM items JOIN thumbnails USING (label) "
+                    f"WHERE items.id IN ({_marks(chunk)})", chunk).fetchall()
+            found.update(rows)
         return found
 
     def get_by_labels(self, labels: list[int]) -> dict[int, Record]:

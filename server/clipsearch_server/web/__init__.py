@@ -1,0 +1,1 @@
+"""The search page: plain HTML, CSS and JavaScript served at / of the HTTP port."""
