@@ -174,6 +174,7 @@ class ServerInfo:
     max_message_bytes: int
     max_k: int
     image_size: int
+    precision_reason: str = ""  # why the server runs in `precision` (auto's choice)
 
 
 @dataclass
@@ -787,6 +788,7 @@ class Client:
             max_message_bytes=r.max_message_bytes,
             max_k=r.max_k,
             image_size=r.image_size,
+            precision_reason=r.precision_reason,
         )
 
 

@@ -109,6 +109,7 @@ async def serve(settings: Settings) -> int:
     log.info("model %s (%s) loaded on %s, %s, dim %d, in %.1fs; fingerprint %s",
              model.name, settings.weights_source, model.device, model.precision, model.dim,
              model.load_seconds, model.fingerprint)
+    log.info("precision %s: %s", model.precision, model.precision_reason)
     if model.random_weights:
         log.warning(RANDOM_WEIGHTS_WARNING)
 

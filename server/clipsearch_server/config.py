@@ -31,7 +31,7 @@ class Settings:
     cache_dir: Path | None = None
     data_dir: Path = Path("data")
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     max_message_bytes: int = 64 * 1024 * 1024
     max_batch_size: int = 64
     max_items_per_request: int = 4096
@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     path_opt(p, "--cache-dir", "where downloaded weights are cached")
     opt("--data-dir", Path, d.data_dir, "folder holding the collections")
     opt("--device", str, d.device, "auto (cuda when present, else cpu), cpu, cuda or cuda:N")
-    opt("--precision", str, d.precision, "fp32, fp16 or bf16 (fp16/bf16 are for GPUs)")
+    opt("--precision", str, d.precision,
+        "auto (bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else "
+        "fp32), fp32 (exact parity with open_clip), fp16 (GPU only) or bf16")
     opt("--channels-last", str, d.channels_last,
         "image tower in channels-last memory format: auto (on for cuda), on or off")
     p.add_argument("--compile", action="store_true", default=_env_bool("compile"),
@@ -196,8 +198,8 @@ def validate(s: Settings) -> str | None:
         return f"--device must be auto, cpu, cuda or cuda:N, not {s.device!r}"
     if s.channels_last not in ("auto", "on", "off"):
         return f"--channels-last must be auto, on or off, not {s.channels_last!r}"
-    if s.precision not in ("fp32", "fp16", "bf16"):
-        return f"--precision must be fp32, fp16 or bf16, not {s.precision!r}"
+    if s.precision not in ("auto", "fp32", "fp16", "bf16"):
+        return f"--precision must be auto, fp32, fp16 or bf16, not {s.precision!r}"
     if not 0 <= s.port <= 65535:
         return f"--port must be 0..65535, not {s.port}"
     for name in ("max_message_bytes", "max_batch_size", "max_items_per_request", "max_k",
