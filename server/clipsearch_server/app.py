@@ -122,6 +122,7 @@ async def serve(settings: Settings) -> int:
                         batch_wait_s=settings.batch_wait_ms / 1000,
                         text_cache_size=settings.text_cache_size,
                         jpeg_draft=settings.jpeg_draft)
+    embedder.batcher.max_call_s = settings.max_model_call_ms / 1000
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)

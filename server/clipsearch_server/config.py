@@ -50,6 +50,7 @@ class Settings:
     max_concurrent_rpcs: int = 64
     max_queued_batches: int = 64
     batch_wait_ms: float = 2.0
+    max_model_call_ms: float = 100.0
     text_cache_size: int = 4096
     jpeg_draft: bool = True
     channels_last: str = "auto"
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model batches waiting at once; more are refused with RESOURCE_EXHAUSTED")
     opt("--batch-wait-ms", float, d.batch_wait_ms,
         "how long a model batch that is not full waits for inputs from other calls")
+    opt("--max-model-call-ms", float, d.max_model_call_ms,
+        "bulk model batches run as calls of about this long (sized from the measured cost per "
+        "input), so a search waits for at most one; 0 = whole batches")
     opt("--text-cache-size", int, d.text_cache_size,
         "recent query texts whose embeddings are kept; 0 = no cache")
     env_draft = _env("jpeg_draft")
@@ -208,8 +212,8 @@ def validate(s: Settings) -> str | None:
                  "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
         if getattr(s, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    if s.batch_wait_ms < 0 or s.text_cache_size < 0:
-        return "--batch-wait-ms and --text-cache-size cannot be negative"
+    if s.batch_wait_ms < 0 or s.text_cache_size < 0 or s.max_model_call_ms < 0:
+        return "--batch-wait-ms, --text-cache-size and --max-model-call-ms cannot be negative"
     if s.log_format not in ("text", "json"):
         return f"--log-format must be text or json, not {s.log_format!r}"
     if (s.tls_cert is None) != (s.tls_key is None):
