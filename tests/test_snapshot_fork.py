@@ -73,7 +73,7 @@ def test_a_failed_save_raises_and_leaves_the_last_good_snapshot(tmp_path, monkey
     good = json.loads((col.folder / MANIFEST).read_text())
     add(col, unit_rows(10, 4), 200)
     # hnswlib writes nothing, silently, where it cannot open the file: the check catches it.
-    blocker = col.folder / f"index-{col.index.seq}.hnsw.tmp"
+    blocker = col.folder / f"index-{col.index.seq}.hnsw.{os.getpid()}.tmp"
     blocker.mkdir()
     with pytest.raises(OSError):
         col.snapshot()

@@ -23,10 +23,12 @@ adds both:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -43,6 +45,7 @@ SPACE = "ip"  # vectors are unit length: inner product is cosine similarity
 MANIFEST = "manifest.json"
 FORMAT = 1
 MIN_CAPACITY = 1024
+PR_SET_PDEATHSIG = 1  # prctl option, linux/prctl.h
 
 
 # Only the forking thread runs in the child, and it only writes the graph file, then exits.
@@ -226,7 +229,8 @@ class HnswIndex:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"index-{self.seq}.hnsw"
-        tmp = self.folder / f"{name}.tmp"
+        # Named by this process: a child orphaned by a killed server may still be writing.
+        tmp = self.folder / f"{name}.{os.getpid()}.tmp"
         capacity = self._graph.get_max_elements()
         pid = None
         if self.save_in_child:
@@ -294,15 +298,26 @@ class HnswIndex:
 
 def _save_in_child(graph: hnswlib.Index, path: Path) -> int:
     """Fork a child that writes `graph` to `path` and exits; returns its pid."""
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: write, then leave without running any of the parent's cleanup
         code = 1
         try:
+            _die_with(parent)
             graph.save_index(str(path))
             code = 0
         finally:
             os._exit(code)
     return pid
+
+
+def _die_with(parent: int) -> None:
+    """Linux: be killed when the parent dies (a killed server leaves no writer behind)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
 
 
 def _hash(path: Path) -> tuple[int, str]:
