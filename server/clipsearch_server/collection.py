@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import MATCH_ALL, SqlFilter
-from .index import HnswIndex, SnapshotInvalid, fsync_dir
+from .index import ChildSaveFailed, HnswIndex, SnapshotInvalid, fsync_dir
 from .store import NewItem, Record, Store
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,12 @@ class Collection:
                 pending = self.index.begin_save()
             try:
                 manifest = self.index.finish_save(pending)
+            except ChildSaveFailed as exc:  # forking a gRPC server is not always safe
+                log.warning("collection %s: %s; saving in-process instead", self.name, exc)
+                with self.index.lock.write():
+                    if self._closed:
+                        return False
+                    manifest = self.index.finish_save(self.index.begin_save(in_child=False))
             except OSError:
                 if self._closed:  # dropped meanwhile: its folder is gone, nothing to save
                     return False

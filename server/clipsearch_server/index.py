@@ -53,6 +53,10 @@ warnings.filterwarnings("ignore", message=r".*multi-threaded, use of fork\(\) ma
                         category=DeprecationWarning)
 
 
+class ChildSaveFailed(OSError):
+    """The forked child did not write the snapshot; the caller may save in-process instead."""
+
+
 class SnapshotInvalid(Exception):
     """A snapshot on disk cannot be trusted; the index must be rebuilt from the store."""
 
@@ -221,7 +225,7 @@ class HnswIndex:
         """Write a snapshot covering `self.seq` atomically; returns its manifest."""
         return self.finish_save(self.begin_save())
 
-    def begin_save(self) -> PendingSave:
+    def begin_save(self, in_child: bool | None = None) -> PendingSave:
         """Start a snapshot of the graph as it is now; the caller holds the lock only for this.
 
         With save_in_child, a forked child writes the file while the graph goes on changing
@@ -233,7 +237,7 @@ class HnswIndex:
         tmp = self.folder / f"{name}.{os.getpid()}.tmp"
         capacity = self._graph.get_max_elements()
         pid = None
-        if self.save_in_child:
+        if self.save_in_child if in_child is None else in_child:
             pid = _save_in_child(self._graph, tmp)
         else:
             self._graph.save_index(str(tmp))
@@ -247,7 +251,8 @@ class HnswIndex:
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
                 tmp.unlink(missing_ok=True)
-                raise OSError(f"the child writing snapshot {name} failed (exit status {code})")
+                raise ChildSaveFailed(
+                    f"the child writing snapshot {name} failed (exit status {code})")
         size, digest = _fsync_and_hash(tmp)
         os.replace(tmp, self.folder / name)
         manifest = Manifest(
