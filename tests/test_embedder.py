@@ -139,3 +139,53 @@ def test_repeated_query_texts_come_from_the_cache(model) -> None:
     inputs = metrics.registry.get_sample_value(
         "clipsearch_model_batch_size_sum", {"modality": "text"})
     assert inputs == 3  # "a cat" was not embedded twice
+
+
+@pytest.mark.parametrize("max_call_s", [0.0, 60.0])
+def test_a_running_bulk_batch_lets_a_query_through_between_its_calls(max_call_s: float) -> None:
+    """A bulk batch runs as calls of about max_call_s (sized by the measured cost per input):
+    a query that arrives while one runs is served before the next, not after the whole batch.
+    max_call_s 0 runs batches whole, the old behaviour."""
+    fake = FakeModel()
+    fake.release.clear()
+    batcher = Batcher({"text": fake.encode}, max_batch=8, max_wait_s=0, max_queued=64,
+                      max_call_s=max_call_s)
+    batcher._seconds_per_input["text"] = 20.0  # measured: 2 inputs (a power of two) fit 60 s
+
+    async def go() -> np.ndarray:
+        bulk = asyncio.ensure_future(batcher.submit("text", [f"b{i}" * i for i in range(8)],
+                                                    BULK, None))
+        await asyncio.sleep(0.05)  # the worker is now inside its first call
+        query = asyncio.ensure_future(batcher.submit("text", ["query"], INTERACTIVE, None))
+        await asyncio.sleep(0.01)
+        fake.release.set()
+        await query
+        return await bulk
+
+    vectors = run(go())
+    batcher.close()
+    assert [int(v) for v in vectors[:, 0]] == [len(f"b{i}" * i) for i in range(8)]
+    if max_call_s:
+        sizes = [len(b) for b in fake.batches]
+        assert sizes[0] == 2 and fake.batches[1] == ["query"]  # served after the first call
+        assert sum(sizes[2:]) == 6  # then the rest of the bulk batch
+    else:
+        assert [len(b) for b in fake.batches] == [8, 1]
+
+
+def test_call_size_follows_the_measured_cost() -> None:
+    batcher = Batcher({"text": FakeModel().encode}, max_batch=64, max_wait_s=0, max_queued=4,
+                      max_call_s=0.1)
+    assert batcher.call_size("text") == 4  # not measured yet: a small call measures it
+    batcher._seconds_per_input["text"] = 0.025
+    assert batcher.call_size("text") == 4
+    batcher._seconds_per_input["text"] = 0.015  # 6 fit: calls come in powers of two
+    assert batcher.call_size("text") == 4
+    batcher._seconds_per_input["text"] = 1.0
+    assert batcher.call_size("text") == 1
+    batcher._seconds_per_input["text"] = 1e-6
+    assert batcher.call_size("text") == 64
+    batcher.max_call_s = 0
+    batcher._seconds_per_input["text"] = 1.0
+    assert batcher.call_size("text") == 64
+    batcher.close()

@@ -28,7 +28,9 @@ TEXTS = ["a photo of a dog", "two people riding horses on a beach", "x", "long c
 
 
 def tiny_settings(**overrides: object) -> Settings:
-    values: dict[str, object] = {"model": TINY_MODEL, "pretrained": None, "device": "cpu"}
+    # fp32: these tests compare with open_clip's own fp32 output at 1e-5 (auto may pick bf16).
+    values: dict[str, object] = {"model": TINY_MODEL, "pretrained": None, "device": "cpu",
+                                 "precision": "fp32"}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 
@@ -386,15 +388,15 @@ def test_invalid_environment_value_is_a_usage_error(
     with pytest.raises(SystemExit) as info:
         parse_settings([])
     assert info.value.code == 2
-    assert "--precision must be fp32, fp16 or bf16" in capsys.readouterr().err
+    assert "--precision must be auto, fp32, fp16 or bf16" in capsys.readouterr().err
 
 
 def test_channels_last_and_compile_keep_the_embeddings(tiny_checkpoint) -> None:
     """GPU-minded options, exercised on the CPU: same vectors within float tolerance."""
     plain = load_model(Settings(model="clipsearch-tiny", pretrained=None,
-                                checkpoint=tiny_checkpoint, device="cpu"))
+                                checkpoint=tiny_checkpoint, device="cpu", precision="fp32"))
     tuned = load_model(Settings(model="clipsearch-tiny", pretrained=None,
-                                checkpoint=tiny_checkpoint, device="cpu",
+                                checkpoint=tiny_checkpoint, device="cpu", precision="fp32",
                                 channels_last="on", compile=True))
     assert tuned.channels_last and tuned.compiled and not plain.channels_last
     pixels = torch.randn(3, 3, 64, 64)

@@ -27,9 +27,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server with open_clip's exact preprocessing (no JPEG draft or device decoding)."""
+    """A server with open_clip's exact preprocessing (no JPEG draft or device decoding) and
+    arithmetic (fp32: the default, auto, picks bf16 where the hardware has it;
+    test_precision.py states that tolerance)."""
     proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("parity") / "data",
-                         "--no-jpeg-draft", "--device-decode", "off").start()
+                         "--no-jpeg-draft", "--device-decode", "off",
+                         "--precision", "fp32").start()
     yield proc
     assert proc.stop() == 0, proc.log()
 

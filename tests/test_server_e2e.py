@@ -10,9 +10,11 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipsearch import BatchError, Client, ClipSearchError
+from clipsearch_server.precision import choose_precision
 from conftest import TEST_DEVICE, ServerProcess, coco_images, save_tiny_checkpoint
 
 
@@ -26,7 +28,10 @@ def test_info_describes_the_loaded_checkpoint(client: Client, tiny_checkpoint) -
     assert info.checkpoint == str(tiny_checkpoint)
     assert info.dim == 64
     assert info.device == TEST_DEVICE
-    assert info.precision == "fp32"
+    # The default, --precision auto, says what it picked for this device and why.
+    chosen, reason = choose_precision("auto", torch.device(TEST_DEVICE))
+    assert (info.precision, info.precision_reason) == (chosen, reason)
+    assert info.precision in ("bf16", "fp32") and info.precision_reason.startswith("auto:")
     assert not info.random_weights
     assert info.model_fingerprint.startswith("clipsearch-tiny/sha256:")
 

@@ -17,8 +17,8 @@ TEXTS = ["x", "a dog", "two people riding horses on a beach at sunset, photograp
 
 @pytest.fixture(scope="module")
 def clip(tiny_checkpoint):
-    return load_model(Settings(model="clipsearch-tiny", pretrained=None,
-                               checkpoint=tiny_checkpoint, device="cpu"))
+    return load_model(Settings(model="clipsearch-tiny", pretrained=None,  # exact: fp32
+                               checkpoint=tiny_checkpoint, device="cpu", precision="fp32"))
 
 
 @pytest.mark.parametrize("batch", [TEXTS[:1], TEXTS[:2], TEXTS[:3], TEXTS])

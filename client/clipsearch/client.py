@@ -178,6 +178,7 @@ class ServerInfo:
     max_message_bytes: int
     max_k: int
     image_size: int
+    precision_reason: str = ""  # why the server runs in `precision` (auto's choice)
 
 
 @dataclass
@@ -799,6 +800,7 @@ class Client(AnalysisMixin):
             max_message_bytes=r.max_message_bytes,
             max_k=r.max_k,
             image_size=r.image_size,
+            precision_reason=r.precision_reason,
         )
 
 

@@ -126,6 +126,7 @@ async def serve(settings: Settings) -> int:
     log.info("model %s (%s) loaded on %s, %s, dim %d, in %.1fs; fingerprint %s",
              model.name, settings.weights_source, model.device, model.precision, model.dim,
              model.load_seconds, model.fingerprint)
+    log.info("precision %s: %s", model.precision, model.precision_reason)
     if model.random_weights:
         log.warning(RANDOM_WEIGHTS_WARNING)
 
@@ -139,6 +140,7 @@ async def serve(settings: Settings) -> int:
                         text_cache_size=settings.text_cache_size,
                         jpeg_draft=settings.jpeg_draft, device_decoder=decoder)
     log.info("JPEG decoding on %s", "the model's device (nvjpeg)" if decoder else "the CPU")
+    embedder.batcher.max_call_s = settings.max_model_call_ms / 1000
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)

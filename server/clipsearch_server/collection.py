@@ -5,7 +5,8 @@ Lock discipline (one collection):
   same change to the graph, so the graph never runs ahead of the store and never lags it
   while the lock is free;
 * searches take the read lock and may run together;
-* a snapshot takes the write lock for the save (hnswlib's save holds the GIL anyway);
+* a snapshot takes the write lock only to start the save: a forked child writes the graph
+  as it was then, while searches and writes go on (index.py);
 * a compaction builds a fresh graph without the lock from a consistent read of the store,
   then replays the writes that landed meanwhile and swaps graphs under the write lock;
 * one snapshot or compaction runs at a time per collection (`_maintenance`).
@@ -28,7 +29,7 @@ import numpy as np
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import MATCH_ALL, SqlFilter
-from .index import HnswIndex, SnapshotInvalid, fsync_dir
+from .index import ChildSaveFailed, HnswIndex, SnapshotInvalid, fsync_dir
 from .store import NewItem, Record, Store
 from .thumbnails import DEFAULT_THUMBNAIL_SIZE
 
@@ -183,7 +184,22 @@ class Collection:
                     return False
                 if not force and self._saved_seq == self.index.seq:
                     return False
-                manifest = self.index.save()
+                pending = self.index.begin_save()
+            try:
+                manifest = self.index.finish_save(pending)
+            except ChildSaveFailed as exc:  # forking a gRPC server is not always safe
+                log.warning("collection %s: %s; saving in-process instead", self.name, exc)
+                with self.index.lock.write():
+                    if self._closed:
+                        return False
+                    manifest = self.index.finish_save(self.index.begin_save(in_child=False))
+            except OSError:
+                if self._closed:  # dropped meanwhile: its folder is gone, nothing to save
+                    return False
+                raise
+            with self.index.lock.write():
+                if self._closed:
+                    return False
                 self._saved_seq = manifest.seq
             self.store.forget_deletions_through(manifest.seq)
             return True

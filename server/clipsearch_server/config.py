@@ -31,7 +31,7 @@ class Settings:
     cache_dir: Path | None = None
     data_dir: Path = Path("data")
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     max_message_bytes: int = 64 * 1024 * 1024
     max_batch_size: int = 64
     max_items_per_request: int = 4096
@@ -50,6 +50,7 @@ class Settings:
     max_concurrent_rpcs: int = 64
     max_queued_batches: int = 64
     batch_wait_ms: float = 2.0
+    max_model_call_ms: float = 100.0
     text_cache_size: int = 4096
     jpeg_draft: bool = True
     device_decode: str = "auto"
@@ -124,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     path_opt(p, "--cache-dir", "where downloaded weights are cached")
     opt("--data-dir", Path, d.data_dir, "folder holding the collections")
     opt("--device", str, d.device, "auto (cuda when present, else cpu), cpu, cuda or cuda:N")
-    opt("--precision", str, d.precision, "fp32, fp16 or bf16 (fp16/bf16 are for GPUs)")
+    opt("--precision", str, d.precision,
+        "auto (bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else "
+        "fp32), fp32 (exact parity with open_clip), fp16 (GPU only) or bf16")
     opt("--channels-last", str, d.channels_last,
         "image tower in channels-last memory format: auto (on for cuda), on or off")
     p.add_argument("--compile", action="store_true", default=_env_bool("compile"),
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model batches waiting at once; more are refused with RESOURCE_EXHAUSTED")
     opt("--batch-wait-ms", float, d.batch_wait_ms,
         "how long a model batch that is not full waits for inputs from other calls")
+    opt("--max-model-call-ms", float, d.max_model_call_ms,
+        "bulk model batches run as calls of about this long (sized from the measured cost per "
+        "input), so a search waits for at most one; 0 = whole batches")
     opt("--text-cache-size", int, d.text_cache_size,
         "recent query texts whose embeddings are kept; 0 = no cache")
     env_draft = _env("jpeg_draft")
@@ -207,8 +213,8 @@ def validate(s: Settings) -> str | None:
         return f"--channels-last must be auto, on or off, not {s.channels_last!r}"
     if s.device_decode not in ("auto", "on", "off"):
         return f"--device-decode must be auto, on or off, not {s.device_decode!r}"
-    if s.precision not in ("fp32", "fp16", "bf16"):
-        return f"--precision must be fp32, fp16 or bf16, not {s.precision!r}"
+    if s.precision not in ("auto", "fp32", "fp16", "bf16"):
+        return f"--precision must be auto, fp32, fp16 or bf16, not {s.precision!r}"
     if not 0 <= s.port <= 65535:
         return f"--port must be 0..65535, not {s.port}"
     if not 0 <= s.http_port <= 65535:
@@ -219,8 +225,8 @@ def validate(s: Settings) -> str | None:
                  "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
         if getattr(s, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    if s.batch_wait_ms < 0 or s.text_cache_size < 0:
-        return "--batch-wait-ms and --text-cache-size cannot be negative"
+    if s.batch_wait_ms < 0 or s.text_cache_size < 0 or s.max_model_call_ms < 0:
+        return "--batch-wait-ms, --text-cache-size and --max-model-call-ms cannot be negative"
     if s.log_format not in ("text", "json"):
         return f"--log-format must be text or json, not {s.log_format!r}"
     if (s.tls_cert is None) != (s.tls_key is None):

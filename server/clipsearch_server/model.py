@@ -23,6 +23,7 @@ from PIL import Image
 
 from .catalog import bundled_config_dir
 from .config import Settings
+from .precision import choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ClipModel:
     trim_text: bool = True
     channels_last: bool = False
     compiled: bool = False
+    precision_reason: str = ""  # why this precision (auto's choice, or asked for)
 
     def __post_init__(self) -> None:
         self._image_forward: Callable[[torch.Tensor], torch.Tensor] = self.module.encode_image
@@ -201,7 +203,8 @@ def load_model(settings: Settings) -> ClipModel:
     register_model_configs(settings.model_config_dir)
     _check_model_name(settings.model)
     device = resolve_device(settings.device)
-    if settings.precision == "fp16" and device.type == "cpu":
+    precision, precision_reason = choose_precision(settings.precision, device)
+    if precision == "fp16" and device.type == "cpu":
         raise ModelLoadError("--precision fp16 needs a GPU; use fp32 (or bf16) on the CPU")
     if device.type == "cuda" and settings.precision == "fp32":
         # fp32 promises open_clip's numbers: no TF32 (cuDNN uses it for convolutions by
@@ -221,7 +224,7 @@ def load_model(settings: Settings) -> ClipModel:
             settings.model,
             pretrained=weights,
             device=device,
-            precision=settings.precision,
+            precision=precision,
             cache_dir=str(settings.cache_dir) if settings.cache_dir else None,
         )
     except Exception as exc:
@@ -237,7 +240,8 @@ def load_model(settings: Settings) -> ClipModel:
         checkpoint=settings.checkpoint,
         random_weights=settings.random_weights,
         device=device,
-        precision=settings.precision,
+        precision=precision,
+        precision_reason=precision_reason,
         dim=embed_dim,
         image_size=image_size,
         fingerprint=fingerprint_of(settings),

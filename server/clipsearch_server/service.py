@@ -331,7 +331,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
             random_weights=m.random_weights, dim=m.dim, device=str(m.device),
             precision=m.precision, model_fingerprint=m.fingerprint, version=__version__,
             max_message_bytes=self.settings.max_message_bytes, max_k=self.settings.max_k,
-            image_size=m.image_size,
+            image_size=m.image_size, precision_reason=m.precision_reason,
         )
 
     # --- helpers --------------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""Text-search latency while clients upload images, and what the queries cost the upload.
+
+Four clients upload the coco128 photos, 8 per call, without pause; one client sends text
+searches in a closed loop (distinct short captions, the server's text cache off, so every
+query runs the text tower). Each server setting is measured twice for the same time: upload
+alone, then upload with the queries. Settings compared in the same run:
+
+* `--max-model-call-ms 100` (the default): a bulk batch runs as model calls of about 100 ms,
+  with the interactive lane served between them;
+* `--max-model-call-ms 0`: bulk batches run whole, as before issue 11.
+
+Targets (issue 11, this 2-core CPU): text-search p99 <= 250 ms under upload, and upload
+throughput with queries within 15 % of upload alone.
+
+Run: .venv/bin/python bench/bench_interactive.py                (30 s per phase, ~4 minutes)
+     .venv/bin/python bench/bench_interactive.py --seconds 8    (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench_throughput import COCO, queries, start_server
+from common import load, machine, ms, progress, section, table
+
+from clipsearch import Client
+
+UPLOADERS = 4
+PER_CALL = 8
+
+
+def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
+          with_queries: bool, tag: str) -> dict[str, float]:
+    """Upload (and query) for `seconds`; images/s and the queries' latencies."""
+    stop = threading.Event()
+    uploaded = [0] * UPLOADERS
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def upload(worker: int) -> None:
+        try:
+            with Client(address) as c:
+                for n in itertools.count():
+                    if stop.is_set():
+                        return
+                    start = (n * PER_CALL + worker * 32) % len(photos)
+                    batch = [photos[(start + i) % len(photos)] for i in range(PER_CALL)]
+                    ids = [f"{tag}-{worker}-{n}-{i}" for i in range(PER_CALL)]
+                    c.upsert("upload", ids=ids, images=batch)
+                    if not stop.is_set():
+                        uploaded[worker] += PER_CALL
+        except BaseException as exc:
+            errors.append(exc)
+
+    def query() -> None:
+        try:
+            with Client(address) as c:
+                for text in itertools.cycle(texts):
+                    if stop.is_set():
+                        return
+                    started = time.perf_counter()
+                    c.search("upload", text=text, k=10)
+                    latencies.append(time.perf_counter() - started)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(w,)) for w in range(UPLOADERS)]
+    if with_queries:
+        threads.append(threading.Thread(target=query))
+    for t in threads:
+        t.start()
+    began = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    elapsed = time.perf_counter() - began
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    p50, p99 = ms(latencies) if latencies else (float("nan"), float("nan"))
+    return {"img_s": sum(uploaded) / elapsed, "queries": len(latencies), "p50": p50,
+            "p99": p99, "max": max(latencies) * 1e3 if latencies else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--call-ms", type=float, nargs="+", default=[100.0, 0.0],
+                        help="--max-model-call-ms values to compare")
+    parser.add_argument("--precision", default="auto")
+    args = parser.parse_args(argv)
+
+    print(f"Machine: {machine()}")
+    print(f"Model: {args.model} (random weights), CPU, --precision {args.precision}; "
+          f"{load()} at start")
+    photos = [p.read_bytes() for p in sorted(COCO.rglob("*.jpg"))]
+    texts = queries()
+    rows = []
+    for call_ms in args.call_ms:
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, address = start_server(args.model, Path(tmp) / "data", [
+                "--text-cache-size", "0", "--max-model-call-ms", str(call_ms),
+                "--precision", args.precision])
+            try:
+                with Client(address) as c:  # warm up both towers and create the collection
+                    c.upsert("upload", ids=[f"w{i}" for i in range(16)], images=photos[:16])
+                    for text in texts[-20:]:
+                        c.search("upload", text=text, k=10)
+                progress(f"--max-model-call-ms {call_ms}: upload alone")
+                alone = phase(address, photos, texts, args.seconds, False, "a")
+                progress(f"--max-model-call-ms {call_ms}: upload + text searches")
+                mixed = phase(address, photos, texts, args.seconds, True, "b")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(120)
+        rows.append([f"{call_ms:g}", alone["img_s"], mixed["img_s"],
+                     f"{mixed['img_s'] / alone['img_s']:.2f}", mixed["queries"],
+                     mixed["p50"], mixed["p99"], mixed["max"]])
+    section(f"{UPLOADERS} clients uploading coco128 ({PER_CALL} photos a call), "
+            f"1 client searching by text, {args.seconds:g} s per phase", table(
+                ["max-model-call-ms", "upload alone img/s", "upload + queries img/s",
+                 "ratio", "text searches", "p50 ms", "p99 ms", "max ms"], rows))
+    print(f"\n{load()} at end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
