@@ -24,6 +24,7 @@ from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 from .auth import BearerTokenInterceptor, load_tokens, server_credentials
 from .collection import Collections
 from .config import Settings, parse_settings
+from .datadir import DataDirBusy, DataDirLock, raise_descriptor_limit
 from .device_decode import device_decoder
 from .embedder import Embedder
 from .errors import ClipSearchError
@@ -49,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(settings: Settings) -> int:
     """Run the server until a signal; returns the process exit code."""
+    data_lock = DataDirLock(settings.data_dir)
+    try:
+        data_lock.acquire()
+    except (DataDirBusy, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        return await _serve(settings)
+    finally:
+        data_lock.release()
+
+
+async def _serve(settings: Settings) -> int:
+    raise_descriptor_limit()
     limit = settings.max_message_bytes
     metrics = Metrics()
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
@@ -128,6 +143,9 @@ async def serve(settings: Settings) -> int:
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)
+    if collections.unavailable:
+        log.error("not serving %d collections that could not be opened: %s",
+                  len(collections.unavailable), ", ".join(sorted(collections.unavailable)))
 
     snapshots = asyncio.create_task(_snapshot_periodically(collections, settings))
     await stop.wait()

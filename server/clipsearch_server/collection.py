@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .filters import MATCH_ALL, SqlFilter
 from .index import HnswIndex, SnapshotInvalid, fsync_dir
 from .store import NewItem, Record, Store
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
 STORE_FILE = "store.sqlite3"
 # Rebuild a collection's graph from the store once deletions and replacements since the last
 # build exceed this share of its items (and this minimum): churn degrades an HNSW graph.
@@ -66,7 +66,7 @@ class SearchHit:
 
 
 def check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
             f"collection name {name!r} is not valid: use 1 to 64 letters, digits, '_', '-' or "
             "'.', starting with a letter or digit"
@@ -316,20 +316,39 @@ class Collections:
         self.ef_construction = ef_construction
         self._lock = threading.Lock()
         self._open: dict[str, Collection] = {}
+        # Collections whose files could not be opened at start: name -> reason. Left on disk,
+        # not served; a restart tries them again.
+        self.unavailable: dict[str, str] = {}
 
     def open_all(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(".dropped-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         for folder in sorted(self.root.iterdir()):
-            if not folder.is_dir() or not NAME_PATTERN.match(folder.name):
+            if not folder.is_dir() or not NAME_PATTERN.fullmatch(folder.name):
                 continue
-            if (folder / STORE_FILE).exists() and "dim" in Store.peek_meta(folder / STORE_FILE):
+            try:
+                if self._never_created(folder):
+                    # a create killed before its settings were committed: never acknowledged
+                    log.warning("removing %s: its creation never completed", folder.name)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    continue
                 self._open[folder.name] = Collection.open(folder)
-            else:
-                # a create killed before its settings were committed: it was never acknowledged
-                log.warning("removing %s: its creation never completed", folder.name)
-                shutil.rmtree(folder, ignore_errors=True)
+            except Exception as exc:  # anything else: keep the files, serve the others
+                reason = f"{type(exc).__name__}: {exc}"
+                self.unavailable[folder.name] = reason
+                log.error("collection %s is unavailable, its files are left untouched: %s",
+                          folder.name, reason)
+
+    @staticmethod
+    def _never_created(folder: Path) -> bool:
+        """True only for a folder whose store provably never committed its settings."""
+        store = folder / STORE_FILE
+        if not store.exists():
+            if any(folder.iterdir()):
+                raise FileNotFoundError(f"{STORE_FILE} is missing but the folder is not empty")
+            return True  # created and killed before the store appeared
+        return "dim" not in Store.peek_meta(store)  # raises when the store cannot be read
 
     def names(self) -> list[str]:
         with self._lock:
@@ -345,8 +364,15 @@ class Collections:
             collection = self._open.get(name)
         if collection is None:
             check_name(name)
+            self._check_available(name)
             raise NotFound(f"collection {name!r} does not exist")
         return collection
+
+    def _check_available(self, name: str) -> None:
+        reason = self.unavailable.get(name)
+        if reason is not None:
+            raise Unavailable(f"collection {name!r} could not be opened at start ({reason}); "
+                              "its files are kept: fix the cause and restart the server")
 
     def create(self, name: str, m: int = 0, ef_construction: int = 0, exist_ok: bool = False
                ) -> Collection:
@@ -356,6 +382,7 @@ class Collections:
                 if exist_ok:
                     return self._open[name]
                 raise AlreadyExists(f"collection {name!r} already exists")
+            self._check_available(name)
             collection = Collection.create(self.root / name, self.dim, self.fingerprint,
                                            m or self.m, ef_construction or self.ef_construction)
             self._open[name] = collection
@@ -367,6 +394,7 @@ class Collections:
         with self._lock:
             collection = self._open.pop(name, None)
             if collection is None:
+                self._check_available(name)
                 return False
             collection.close()
             trash = self.root / f".dropped-{name}-{uuid.uuid4().hex}"

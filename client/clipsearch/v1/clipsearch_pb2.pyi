@@ -355,7 +355,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "pretrained", "checkpoint", "random_weights", "dim", "device", "precision", "model_fingerprint", "version", "max_message_bytes", "max_k", "image_size")
+    __slots__ = ("model", "pretrained", "checkpoint", "random_weights", "dim", "device", "precision", "model_fingerprint", "version", "max_message_bytes", "max_k", "image_size", "unavailable_collections")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -368,6 +368,7 @@ class GetServerInfoResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     pretrained: str
     checkpoint: str
@@ -380,4 +381,13 @@ class GetServerInfoResponse(_message.Message):
     max_message_bytes: int
     max_k: int
     image_size: int
-    def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ..., checkpoint: _Optional[str] = ..., random_weights: _Optional[bool] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., image_size: _Optional[int] = ...) -> None: ...
+    unavailable_collections: _containers.RepeatedCompositeFieldContainer[UnavailableCollection]
+    def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ..., checkpoint: _Optional[str] = ..., random_weights: _Optional[bool] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., image_size: _Optional[int] = ..., unavailable_collections: _Optional[_Iterable[_Union[UnavailableCollection, _Mapping]]] = ...) -> None: ...
+
+class UnavailableCollection(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
