@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 
+from .admission import CallBudgetInterceptor, grpc_concurrency_cap
 from .auth import BearerTokenInterceptor, load_tokens, server_credentials
 from .collection import Collections
 from .config import Settings, parse_settings
@@ -74,11 +75,15 @@ async def _serve(settings: Settings) -> int:
         return 2
     if tokens:
         interceptors.append(BearerTokenInterceptor(tokens))
+    # After authentication: ClipSearch calls and open streams get budgets of their own.
+    interceptors.append(CallBudgetInterceptor(settings.max_concurrent_rpcs,
+                                              settings.max_open_streams))
     server = grpc.aio.server(
         interceptors=interceptors,
         # Calls beyond this are refused with RESOURCE_EXHAUSTED: with the message limit, this
         # bounds the memory that requests in flight can take.
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=grpc_concurrency_cap(settings.max_concurrent_rpcs,
+                                                     settings.max_open_streams),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
