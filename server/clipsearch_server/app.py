@@ -143,7 +143,8 @@ async def _serve(settings: Settings) -> int:
                         settings.decode_threads, settings.max_queued_batches, metrics,
                         batch_wait_s=settings.batch_wait_ms / 1000,
                         text_cache_size=settings.text_cache_size,
-                        jpeg_draft=settings.jpeg_draft, device_decoder=decoder)
+                        jpeg_draft=settings.jpeg_draft, device_decoder=decoder,
+                        max_decoded_bytes=settings.max_decoded_bytes)
     log.info("JPEG decoding on %s", "the model's device (nvjpeg)" if decoder else "the CPU")
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)

@@ -49,6 +49,7 @@ class Settings:
     log_format: str = "text"
     max_concurrent_rpcs: int = 64
     max_open_streams: int = 16
+    max_decoded_bytes: int = 1 << 30
     max_queued_batches: int = 64
     batch_wait_ms: float = 2.0
     text_cache_size: int = 4096
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--max-open-streams", int, d.max_open_streams,
         "health Watch and reflection streams (which need no token) open at once, apart from "
         "--max-concurrent-rpcs; more are refused with RESOURCE_EXHAUSTED")
+    opt("--max-decoded-bytes", int, d.max_decoded_bytes,
+        "decoded image tensors held at once across all requests, in bytes; calls that wait "
+        "past 10 s for room are refused with RESOURCE_EXHAUSTED")
     opt("--max-queued-batches", int, d.max_queued_batches,
         "model batches waiting at once; more are refused with RESOURCE_EXHAUSTED")
     opt("--batch-wait-ms", float, d.batch_wait_ms,
@@ -211,7 +215,8 @@ def validate(s: Settings) -> str | None:
     if not 0 <= s.port <= 65535:
         return f"--port must be 0..65535, not {s.port}"
     for name in ("max_message_bytes", "max_batch_size", "max_items_per_request", "max_k",
-                 "max_concurrent_rpcs", "max_open_streams", "max_queued_batches",
+                 "max_concurrent_rpcs", "max_open_streams", "max_decoded_bytes",
+                 "max_queued_batches",
                  "default_ef", "default_ef_text", "max_ef",
                  "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
         if getattr(s, name) < 1:
