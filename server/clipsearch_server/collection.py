@@ -15,18 +15,28 @@ where a snapshot is missing, damaged, or older than the store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    storage_error,
+)
 from .filters import MATCH_ALL, SqlFilter
 from .index import HnswIndex, SnapshotInvalid, fsync_dir
 from .store import NewItem, Record, Store
@@ -63,6 +73,19 @@ class SearchHit:
     score: float
     metadata: dict
     vector: np.ndarray
+
+
+@contextlib.contextmanager
+def _writing(what: str) -> Iterator[None]:
+    """Turn a disk-full or unwritable data dir into RESOURCE_EXHAUSTED or UNAVAILABLE."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        mapped = storage_error(exc)
+        if mapped is None:
+            raise
+        log.warning("%s failed: %s", what, exc)
+        raise mapped from exc
 
 
 def check_name(name: str) -> None:
@@ -208,7 +231,8 @@ class Collection:
             self.check_vector(item.vector)
         with self.index.lock.write():
             self._check_open()
-            seq, labels, created = self.store.upsert(items)
+            with _writing(f"upsert into {self.name}"):
+                seq, labels, created = self.store.upsert(items)
             # The store applies a batch in order; for an id repeated in one batch the last wins.
             last = {item.id: (label, item.vector)
                     for item, label in zip(items, labels, strict=True)}
@@ -222,7 +246,8 @@ class Collection:
     def delete(self, ids: list[str]) -> int:
         with self.index.lock.write():
             self._check_open()
-            seq, labels = self.store.delete(ids)
+            with _writing(f"delete from {self.name}"):
+                seq, labels = self.store.delete(ids)
             self.index.delete(labels)
             self.index.seq = seq
             self._count -= len(labels)
@@ -383,8 +408,15 @@ class Collections:
                     return self._open[name]
                 raise AlreadyExists(f"collection {name!r} already exists")
             self._check_available(name)
-            collection = Collection.create(self.root / name, self.dim, self.fingerprint,
-                                           m or self.m, ef_construction or self.ef_construction)
+            try:
+                with _writing(f"create collection {name}"):
+                    collection = Collection.create(
+                        self.root / name, self.dim, self.fingerprint, m or self.m,
+                        ef_construction or self.ef_construction)
+            except BaseException:
+                # never acknowledged: leave no half-made folder to trip the next create
+                shutil.rmtree(self.root / name, ignore_errors=True)
+                raise
             self._open[name] = collection
             log.info("created collection %s (dim %d, model %s)", name, self.dim, self.fingerprint)
             return collection
@@ -396,10 +428,17 @@ class Collections:
             if collection is None:
                 self._check_available(name)
                 return False
-            collection.close()
             trash = self.root / f".dropped-{name}-{uuid.uuid4().hex}"
-            collection.folder.rename(trash)
-            fsync_dir(self.root)
+            try:
+                with _writing(f"drop collection {name}"):
+                    collection.folder.rename(trash)
+                    fsync_dir(self.root)
+            except BaseException:
+                if collection.folder.exists():  # not moved: it goes on being served
+                    self._open[name] = collection
+                    raise
+                # moved, only the directory sync failed: the drop stands
+            collection.close()
         shutil.rmtree(trash, ignore_errors=True)
         log.info("dropped collection %s", name)
         return True

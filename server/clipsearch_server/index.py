@@ -17,6 +17,7 @@ adds both:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -192,9 +193,16 @@ class HnswIndex:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"index-{self.seq}.hnsw"
         tmp = self.folder / f"{name}.tmp"
-        self._graph.save_index(str(tmp))
-        size, digest = _fsync_and_hash(tmp)
-        os.replace(tmp, self.folder / name)
+        try:
+            self._graph.save_index(str(tmp))
+            size, digest = _fsync_and_hash(tmp)
+            if size < 4 * self.dim * self._graph.get_current_count():
+                # hnswlib's writer does not report write errors: a short file is a full disk
+                raise OSError(errno.ENOSPC, f"snapshot {name} came out short ({size} bytes)")
+            os.replace(tmp, self.folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave partial files behind
+            raise
         manifest = Manifest(
             format=FORMAT, file=name, size=size, sha256=digest, dim=self.dim, space=SPACE,
             m=self.m, ef_construction=self.ef_construction,
@@ -263,11 +271,15 @@ def _fsync_and_hash(path: Path) -> tuple[int, str]:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
