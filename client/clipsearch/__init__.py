@@ -13,6 +13,7 @@ from clipsearch.client import (
     Hit,
     ImageInput,
     ItemFailure,
+    PartialWriteError,
     Record,
     ServerInfo,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "Hit",
     "ImageInput",
     "ItemFailure",
+    "PartialWriteError",
     "Record",
     "ServerInfo",
     "__version__",

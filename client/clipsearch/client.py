@@ -111,6 +111,8 @@ class BatchError(ClipSearchError):
         *,
         vectors: np.ndarray | None = None,
         upserted: int | None = None,
+        written_ids: list[str] | None = None,
+        not_written_ids: list[str] | None = None,
     ) -> None:
         codes = {e.code for e in errors}
         code = codes.pop() if len(codes) == 1 else grpc.StatusCode.UNKNOWN
@@ -123,6 +125,37 @@ class BatchError(ClipSearchError):
         self.errors = errors
         self.vectors = vectors
         self.upserted = upserted
+        self.written_ids = written_ids  # upsert: the ids stored, and those that were not
+        self.not_written_ids = not_written_ids
+
+
+class PartialWriteError(ClipSearchError):
+    """A request of a write the client split into several failed; others may have succeeded.
+
+    ``code`` and ``details`` are the failed request's. ``written_ids`` were stored (their
+    requests succeeded); ``not_written_ids`` were not confirmed: refused, never sent after
+    the failure, or in a request that failed. A request that failed with DEADLINE_EXCEEDED or
+    UNAVAILABLE may still have been stored; upsert is idempotent, so resending
+    ``not_written_ids`` is safe. ``errors`` lists per-item failures of the requests that
+    succeeded.
+    """
+
+    def __init__(
+        self,
+        cause: ClipSearchError,
+        written_ids: list[str],
+        not_written_ids: list[str],
+        errors: list[ItemFailure],
+    ) -> None:
+        super().__init__(
+            cause.code,
+            f"{cause.details} ({len(written_ids)} items written, {len(not_written_ids)} not)",
+            cause.field_violations,
+        )
+        self.written_ids = written_ids
+        self.not_written_ids = not_written_ids
+        self.upserted = len(written_ids)
+        self.errors = errors
 
 
 def _status_code(number: int) -> grpc.StatusCode:
@@ -546,8 +579,9 @@ class Client:
 
         Returns the number written. The collection is created on first write. Items are sent
         in batches; if some fail, the rest are still written and BatchError is raised at the
-        end (``errors`` index into ``ids``). An RPC failure stops at the batch it hit; the
-        batches before it are written, and upsert is idempotent, so a retry is safe.
+        end (``errors`` index into ``ids``). An RPC failure stops sending at the batch it hit
+        and raises PartialWriteError; both errors carry ``written_ids`` and
+        ``not_written_ids``. Upsert is idempotent, so resending what was not written is safe.
         """
         given = [
             name
@@ -601,17 +635,25 @@ class Client:
 
         written = 0
         failures: list[ItemFailure] = []
+        stored: set[int] = set()  # indexes whose request succeeded and item was not refused
+        rpc_error: ClipSearchError | None = None
         # Keep `pipeline` requests in flight: the server decodes one batch while the model
         # runs the previous one, instead of idling between round trips.
         in_flight: collections.deque[tuple[Future, list, int]] = collections.deque()
 
         def finish_oldest() -> None:
-            nonlocal written
+            nonlocal written, rpc_error
             future, sendable, count = in_flight.popleft()
             if sendable:
-                response = future.result()
-                written += response.upserted
-                failures.extend(_item_failures(response.errors, sendable))
+                try:
+                    response = future.result()
+                except ClipSearchError as exc:
+                    rpc_error = rpc_error or exc  # send no more; the report comes at the end
+                else:
+                    written += response.upserted
+                    refused = _item_failures(response.errors, sendable)
+                    failures.extend(refused)
+                    stored.update({i for i, _ in sendable} - {f.index for f in refused})
             bar.update(count)
 
         with tqdm(total=n, unit="item", disable=not progress) as bar, ThreadPoolExecutor(
@@ -620,6 +662,8 @@ class Client:
             for batch in iter_batches(
                 items(), pb.Item.ByteSize, max_items=self.batch_size, max_bytes=self._batch_bytes
             ):
+                if rpc_error is not None:
+                    break
                 sendable = []
                 for index, item in batch:
                     size = item.ByteSize()
@@ -638,9 +682,14 @@ class Client:
                     finish_oldest()
             while in_flight:
                 finish_oldest()
-        if failures:
-            failures.sort(key=lambda f: f.index)
-            raise BatchError(failures, n, upserted=written)
+        failures.sort(key=lambda f: f.index)
+        if rpc_error is not None or failures:
+            written_ids = [id_ for i, id_ in enumerate(ids) if i in stored]
+            not_written_ids = [id_ for i, id_ in enumerate(ids) if i not in stored]
+            if rpc_error is not None:
+                raise PartialWriteError(rpc_error, written_ids, not_written_ids, failures)
+            raise BatchError(failures, n, upserted=written, written_ids=written_ids,
+                             not_written_ids=not_written_ids)
         return written
 
     def get(
