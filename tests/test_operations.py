@@ -57,6 +57,7 @@ def test_damaged_store_is_kept_reported_and_served_again_once_repaired(
         assert store.exists() and store.read_bytes()[16:] == original[16:]
         assert "bad" in _unavailable(server.address)
         with Client(server.address) as c:
+            assert "DatabaseError" in c.info().unavailable_collections["bad"]
             assert [info.name for info in c.collections()] == ["good"]
             assert c.count("good") == 5
             for call in (lambda: c.count("bad"), lambda: c.drop_collection("bad"),

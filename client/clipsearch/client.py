@@ -207,6 +207,8 @@ class ServerInfo:
     max_message_bytes: int
     max_k: int
     image_size: int
+    # Collections on disk the server could not open at start: name -> reason. Not served.
+    unavailable_collections: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -836,6 +838,7 @@ class Client:
             max_message_bytes=r.max_message_bytes,
             max_k=r.max_k,
             image_size=r.image_size,
+            unavailable_collections={u.name: u.reason for u in r.unavailable_collections},
         )
 
 
