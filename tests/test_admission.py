@@ -59,3 +59,51 @@ def test_open_watch_streams_cannot_starve_authenticated_calls(
         watch = health_pb2_grpc.HealthStub(channel).Watch(request)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
+
+
+class _Context:
+    """Just what the budget uses of a servicer context: abort."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
+def test_service_calls_keep_their_own_cap() -> None:
+    """ClipSearch calls beyond --max-concurrent-rpcs are refused by the budget, not grpc."""
+    import asyncio
+
+    from clipsearch_server.admission import CallBudgetInterceptor
+
+    release = asyncio.Event()
+
+    async def slow(request: object, context: object) -> str:
+        await release.wait()
+        return "done"
+
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(slow)
+
+    class Details:
+        method = "/clipsearch.v1.ClipSearchService/Search"
+        invocation_metadata = ()
+
+    async def go() -> None:
+        budget = CallBudgetInterceptor(max_service_calls=2, max_open_streams=1)
+        handler = await budget.intercept_service(continuation, Details())
+        first = [asyncio.create_task(handler.unary_unary(None, _Context())) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(_Aborted) as refused:
+            await handler.unary_unary(None, _Context())
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        assert await asyncio.gather(*first) == ["done", "done"]
+        assert budget.service.used == 0
+        assert await handler.unary_unary(None, _Context()) == "done"  # room again
+
+    asyncio.run(go())
