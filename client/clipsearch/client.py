@@ -29,7 +29,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm import tqdm
 
-from clipsearch.filters import FilterSpec, to_filter
+from clipsearch.filters import FilterSpec, to_filter, with_stored_times
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
@@ -270,14 +270,17 @@ def decode_matrix(msg: pb.Matrix) -> np.ndarray:
 
 
 def metadata_to_struct(metadata: Mapping[str, Any] | None) -> struct_pb2.Struct:
-    """A JSON-like mapping as a Struct; TypeError for anything JSON cannot hold."""
+    """A JSON-like mapping as a Struct; TypeError for anything JSON cannot hold.
+
+    Timezone-aware datetimes (and dates) are stored as ISO 8601 UTC text (see
+    filters.stored_time), the form the server's time ranges compare against."""
     struct = struct_pb2.Struct()
     if metadata is None:
         return struct
     if not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
     try:
-        json_format.ParseDict(dict(metadata), struct)
+        json_format.ParseDict(with_stored_times(metadata), struct)
     except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
         raise TypeError(f"metadata is not JSON-like: {exc}") from exc
     return struct
