@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -172,3 +173,47 @@ def test_trailing_newline_name_is_refused_by_the_server(client: Client) -> None:
     with pytest.raises(ClipSearchError) as err:
         client.create_collection("abc\n")
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_too_few_descriptors_leave_collections_on_disk(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    server = ServerProcess(tiny_checkpoint, data).start()
+    for i in range(40):
+        _write(server.address, f"c{i:02d}", 2)
+    assert server.stop() == 0, server.log()
+
+    popen = subprocess.Popen
+
+    def limited_popen(*args: object, **kwargs: object) -> subprocess.Popen:
+        def limit() -> None:  # in the child only: 100 descriptors, soft and hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+        return popen(*args, preexec_fn=limit, **kwargs)  # type: ignore[call-overload]
+
+    limited = ServerProcess(tiny_checkpoint, data)
+    monkeypatch.setattr(subprocess, "Popen", limited_popen)
+    try:
+        limited.start()
+    except RuntimeError:
+        pass  # it may not get as far as serving; what matters is what it left on disk
+    finally:
+        monkeypatch.setattr(subprocess, "Popen", popen)
+    try:
+        if limited.proc is not None and limited.proc.poll() is None:
+            unavailable = _unavailable(limited.address)
+            with Client(limited.address) as c:
+                served = [info.name for info in c.collections()]
+            assert len(served) + len(unavailable) == 40
+            assert unavailable, "100 descriptors cannot hold 40 collections"
+    finally:
+        if limited.proc is not None and limited.proc.poll() is None:
+            limited.stop()
+    assert "open-file limit 100" in limited.log()
+    assert len(list((data / "collections").iterdir())) == 40  # nothing removed
+    again = ServerProcess(tiny_checkpoint, data).start()
+    try:
+        assert _unavailable(again.address) == {}
+        with Client(again.address) as c:
+            assert len(c.collections()) == 40
+    finally:
+        assert again.stop() == 0, again.log()

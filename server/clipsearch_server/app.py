@@ -64,7 +64,7 @@ async def serve(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
-    raise_descriptor_limit()
+    collection_room = raise_descriptor_limit()
     limit = settings.max_message_bytes
     metrics = Metrics()
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
@@ -152,6 +152,10 @@ async def _serve(settings: Settings) -> int:
     if collections.unavailable:
         log.error("not serving %d collections that could not be opened: %s",
                   len(collections.unavailable), ", ".join(sorted(collections.unavailable)))
+    if len(collections.names()) + len(collections.unavailable) > collection_room:
+        log.warning("%d collections but the open-file limit leaves room for about %d: raise "
+                    "the hard limit (ulimit -Hn, LimitNOFILE=)",
+                    len(collections.names()) + len(collections.unavailable), collection_room)
 
     snapshots = asyncio.create_task(_snapshot_periodically(collections, settings))
     await stop.wait()
