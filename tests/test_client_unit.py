@@ -634,7 +634,7 @@ def test_cli_index_reports_server_item_errors(fake, tmp_path: Path, capsys) -> N
     service.reject_ids.add("broken.png")
     rc = cli.main(["--server", target, "index", str(tmp_path), "--collection", "c"])
     out, err = capsys.readouterr()
-    assert rc == 0
+    assert rc == 1  # a file failed: scripts must see it; the summary line stays
     assert "indexed 1, skipped 0 not images, failed 1" in out
     assert "failed: broken.png: INVALID_ARGUMENT: bad image" in err
 
