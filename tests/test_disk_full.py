@@ -81,3 +81,36 @@ def test_full_data_dir(tiny_checkpoint: Path, small_disk: Path) -> None:
             assert c.count("photos") == written + 1
     finally:
         assert again.stop() == 0, again.log()
+
+
+def test_a_snapshot_on_a_full_disk_leaves_no_temporary_files(small_disk: Path) -> None:
+    from clipsearch_server.index import HnswIndex
+
+    folder = small_disk / "graph"
+    index = HnswIndex(folder, DIM, 16, 100)
+    vectors = np.random.default_rng(1).normal(size=(2000, DIM)).astype(np.float32)
+    index.add(np.arange(2000, dtype=np.int64), vectors / np.linalg.norm(vectors, axis=1,
+                                                                             keepdims=True))
+    index.seq = 1
+    filler = _fill(small_disk)
+    with pytest.raises(OSError):
+        index.save()
+    assert [p.name for p in folder.iterdir()] == []  # no partial or temporary file
+    filler.unlink()
+    assert index.save().seq == 1
+
+
+def test_a_read_only_store_maps_to_unavailable(tmp_path: Path) -> None:
+    import sqlite3
+
+    from clipsearch_server.errors import Unavailable, storage_error
+
+    path = tmp_path / "ro.sqlite3"
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.close()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.Error) as err:
+        db.execute("INSERT INTO t VALUES (1)")
+    db.close()
+    mapped = storage_error(err.value)
+    assert isinstance(mapped, Unavailable) and "cannot be written" in str(mapped)
+    assert storage_error(ValueError("a bug")) is None
