@@ -22,7 +22,8 @@ MAKE_HINTS = ("make serve-random", 'make serve SERVE_ARGS="--checkpoint PATH"')
 
 def _offline_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE", "CLIPSEARCH_"))}
+           if not k.startswith(("HF_", "HUGGINGFACE", "CLIPSEARCH_"))
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
     env.update({
         "HF_HOME": str(tmp_path / "hf-home"),
         "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens: refused
@@ -92,3 +93,21 @@ def test_the_check_itself_takes_seconds(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert float(proc.stdout.split()[0]) < 6.0, proc.stdout
+
+
+def test_behind_a_proxy_the_proxy_is_what_must_answer(tmp_path: Path) -> None:
+    proxy_port = free_port()  # nothing listens there either
+    env = {**_offline_env(tmp_path), "HF_ENDPOINT": "https://hub.invalid",
+           "HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}", "NO_PROXY": ""}
+    script = (
+        "import sys\n"
+        "from clipsearch_server.preflight import WeightsUnavailable, check_weights_reachable\n"
+        "try:\n"
+        "    check_weights_reachable('ViT-B-32', 'laion2b_s34b_b79k', None)\n"
+        "except WeightsUnavailable as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"127.0.0.1:{proxy_port} cannot be reached" in proc.stdout

@@ -14,6 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import getproxies, proxy_bypass
 
 import open_clip
 
@@ -81,6 +82,10 @@ def _check_writable(cache: Path, what: str) -> None:
 
 def _check_connect(url: str, what: str) -> None:
     parsed = urlparse(url)
+    if parsed.hostname and not proxy_bypass(parsed.hostname):
+        proxy = getproxies().get(parsed.scheme) or getproxies().get("all")
+        if proxy:  # downloads go through the proxy: it is the host that must answer
+            parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
     host = parsed.hostname or ""
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     outcome: list[OSError | None] = []
