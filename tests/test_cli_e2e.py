@@ -29,7 +29,7 @@ def test_index_a_folder_then_search_it(server: ServerProcess, tmp_path: Path) ->
     (photos / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated nonsense")
 
     result = clipsearch(server, "index", str(photos), "--collection", "cli-photos")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # fake.jpg failed
     out = result.stdout + result.stderr
     assert "fake.jpg" in out  # the server refused it; it is reported by name
     listing = clipsearch(server, "collections")

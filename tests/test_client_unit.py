@@ -499,7 +499,7 @@ def test_upsert_get_delete_roundtrip(fake) -> None:
             metadata=[{"k": 1}, None, {"tag": "x"}],
         )
         assert written == 3
-        # two uploads are in flight at once, so they may arrive in either order
+        # two requests in flight at once (pipeline=2) may reach the server in either order
         assert sorted(len(r.items) for r in service.calls("UpsertItems")) == [1, 2]
         stored = service.items["a"]
         np.testing.assert_array_equal(decode_vector(stored.vector), np.eye(3, DIM)[0])
@@ -635,7 +635,7 @@ def test_cli_index_reports_server_item_errors(fake, tmp_path: Path, capsys) -> N
     service.reject_ids.add("broken.png")
     rc = cli.main(["--server", target, "index", str(tmp_path), "--collection", "c"])
     out, err = capsys.readouterr()
-    assert rc == 0
+    assert rc == 1  # a file failed: scripts must see it; the summary line stays
     assert "indexed 1, skipped 0 not images, failed 1" in out
     assert "failed: broken.png: INVALID_ARGUMENT: bad image" in err
 

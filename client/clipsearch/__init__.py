@@ -14,6 +14,7 @@ from clipsearch.client import (
     Hit,
     ImageInput,
     ItemFailure,
+    PartialWriteError,
     Record,
     ServerInfo,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ImageInput",
     "ItemFailure",
     "LabelScore",
+    "PartialWriteError",
     "Record",
     "ServerInfo",
     "__version__",

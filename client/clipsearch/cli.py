@@ -15,17 +15,31 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from clipsearch.cli_analysis import add_commands
-from clipsearch.client import DEFAULT_TARGET, BatchError, Client, ClipSearchError
+import grpc
 
-SERVER_ENV = "CLIPSEARCH_SERVER"
-# The bearer token comes from the environment only: a flag would show in `ps`.
-TOKEN_ENV = "CLIPSEARCH_TOKEN"
+from clipsearch.cli_analysis import add_commands
+from clipsearch.cli_verbs import (
+    CONNECT_HINT,
+    ITEM_COMMANDS,
+    OPTIONS_WITH_VALUE,
+    TOKEN_ENV,
+    add_connection_options,
+    add_item_commands,
+    collection_name,
+    connection_refused,
+    non_empty,
+)
+from clipsearch.client import BatchError, Client, ClipSearchError
+
 # Enough bytes to recognize every supported format (BMP needs its DIB header size at 14..18).
 SNIFF_BYTES = 18
 # Sizes of the DIB headers that BMP files use (core, info, v2, v3, OS/2 v2, v4, v5).
 _BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
-_GLOBAL_OPTIONS_WITH_VALUE = ("--server", "--timeout", "--tls-ca", "--tls-cert", "--tls-key")
+_GLOBAL_OPTIONS_WITH_VALUE = OPTIONS_WITH_VALUE
+# ISO base media brands of HEIC/HEIF and AVIF files (the `ftyp` box at bytes 4..12).
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,6 +65,12 @@ def sniff_image(head: bytes) -> str | None:
     # "BM" alone is too weak (any text may start with it): check the DIB header size too.
     if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
         return "bmp"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "heif"
+    if head[4:8] == b"ftyp" and head[8:12] in _AVIF_BRANDS:
+        return "avif"
+    if head.startswith((b"\xff\x0a", _JXL_CONTAINER)):
+        return "jxl"
     return None
 
 
@@ -117,9 +137,6 @@ def _serve(args: list[str]) -> int:
 
 def _index(client: Client, args: argparse.Namespace) -> int:
     root = Path(args.dir)
-    if not root.is_dir():
-        print(f"error: not a directory: {root}", file=sys.stderr)
-        return 1
     found = discover_images(root)
     if found.not_images:
         print(f"skipping {len(found.not_images)} files that are not images", file=sys.stderr)
@@ -131,10 +148,12 @@ def _index(client: Client, args: argparse.Namespace) -> int:
 
     failed = len(found.unreadable)
     indexed = 0
-    if args.thumbnail_size is not None and args.collection not in {
-            c.name for c in client.collections()}:
-        client.create_collection(args.collection, thumbnail_size=args.thumbnail_size)
-    if found.images:
+    if not found.images:
+        print(f"no images found in {root}", file=sys.stderr)
+    else:
+        if args.thumbnail_size is not None and args.collection not in {
+                c.name for c in client.collections()}:
+            client.create_collection(args.collection, thumbnail_size=args.thumbnail_size)
         try:
             indexed = client.upsert(
                 args.collection,
@@ -153,7 +172,7 @@ def _index(client: Client, args: argparse.Namespace) -> int:
         f"indexed {indexed}, skipped {len(found.not_images)} not images, failed {failed}"
         f" (collection {args.collection!r})"
     )
-    return 0 if indexed > 0 or failed == 0 else 1
+    return 0 if found.images and failed == 0 else 1
 
 
 def _search(client: Client, args: argparse.Namespace) -> int:
@@ -231,45 +250,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="CLIP text-to-image and image-to-image search. A server that wants a "
         f"bearer token gets it from ${TOKEN_ENV}.",
     )
-    parser.add_argument(
-        "--server",
-        metavar="HOST:PORT",
-        default=os.environ.get(SERVER_ENV) or DEFAULT_TARGET,
-        help=f"server address (default: ${SERVER_ENV} or {DEFAULT_TARGET})",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds per call (default: 60)"
-    )
-    parser.add_argument("--tls", action="store_true", help="connect over TLS")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA to check the server against")
-    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
+    add_connection_options(parser, top=True)
+    parent = argparse.ArgumentParser(add_help=False)
+    add_connection_options(parent, top=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser(
         "serve", help="run the server (its options: clipsearch serve --help)", add_help=False
     )
 
-    index = commands.add_parser("index", help="embed and store every image under a folder")
-    index.add_argument("dir", metavar="DIR")
-    index.add_argument("--collection", required=True, metavar="NAME")
-    index.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    index = commands.add_parser(
+        "index", parents=[parent], help="embed and store every image under a folder",
+        description="Embed every image under DIR (found by content, not extension) into a "
+        "collection; ids are the paths relative to DIR. Exits 1 when any file failed or none "
+        "was found; the summary line is printed either way.")
+    index.add_argument("dir", metavar="DIR", help="folder to walk, recursively")
+    index.add_argument("--collection", required=True, type=collection_name, metavar="NAME",
+                       help="collection to write to (created on first write)")
+    index.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                       help="images per request (default: 32)")
     index.add_argument("--thumbnail-size", type=int, default=None, metavar="PX",
                        help="long side of the thumbnails a new collection keeps for the search "
                        "page (default: the server's, 256; 0 = none)")
     index.add_argument("-v", "--verbose", action="store_true", help="name the skipped files")
 
-    search = commands.add_parser("search", help="search a collection")
-    search.add_argument("text", nargs="?", metavar="TEXT", help="a text query")
-    search.add_argument("--collection", required=True, metavar="NAME")
+    search = commands.add_parser("search", parents=[parent], help="search a collection",
+                                 description="Search by TEXT, --image or --id (exactly one).")
+    search.add_argument("text", nargs="?", type=non_empty, metavar="TEXT", help="a text query")
+    search.add_argument("--collection", required=True, type=collection_name, metavar="NAME",
+                        help="collection to search")
     search.add_argument("--image", metavar="PATH", help="an image query")
     search.add_argument("--id", metavar="ID", help="find items like this stored one")
     search.add_argument("-k", type=_positive_int, default=10, help="hits wanted (default: 10)")
     search.add_argument("--ef", type=int, default=0, help="HNSW ef (default: server's)")
 
-    commands.add_parser("info", help="describe the server and its model")
-    commands.add_parser("collections", help="list collections")
-    _COMMANDS.update(add_commands(commands, _positive_int))  # recommend, classify, ...
+    commands.add_parser("info", parents=[parent], help="describe the server and its model")
+    commands.add_parser("collections", parents=[parent], help="list collections")
+    add_item_commands(commands, parent)
+    _COMMANDS.update(add_commands(commands, _positive_int, [parent]))  # recommend, classify, ...
     return parser
 
 
@@ -285,6 +303,7 @@ _COMMANDS = {
     "search": _search,
     "info": _info,
     "collections": _collections,
+    **ITEM_COMMANDS,
 }
 
 
@@ -303,16 +322,25 @@ def main(argv: list[str] | None = None) -> int:
         given = sum(q is not None for q in (args.text, args.image, args.id))
         if given != 1:
             parser.error("search needs exactly one query: TEXT, --image PATH or --id ID")
+        if args.image is not None and not Path(args.image).is_file():
+            parser.error(f"--image {args.image}: no such file")
+    if args.command == "index" and not Path(args.dir).is_dir():
+        parser.error(f"not a directory: {args.dir}")
 
     batch_size = getattr(args, "batch_size", 32)
     try:
         with Client(
             args.server, timeout=args.timeout, batch_size=batch_size,
-            token=os.environ.get(TOKEN_ENV) or None, tls=args.tls, tls_ca=args.tls_ca,
+            token=args.token or os.environ.get(TOKEN_ENV) or None, tls=args.tls,
+            tls_ca=args.tls_ca,
             tls_cert=args.tls_cert, tls_key=args.tls_key,
         ) as client:
             return _COMMANDS[args.command](client, args)
     except ClipSearchError as exc:
+        if exc.code == grpc.StatusCode.UNAVAILABLE and connection_refused(exc.details or ""):
+            print(f"error: cannot connect: {CONNECT_HINT.format(server=args.server)}",
+                  file=sys.stderr)
+            return 1
         print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:

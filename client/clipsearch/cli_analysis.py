@@ -88,25 +88,38 @@ def _threshold(text: str) -> float:
     return value
 
 
-def add_commands(commands: Any, positive_int: Callable[[str], int]
+def add_commands(commands: Any, positive_int: Callable[[str], int],
+                 parents: list[argparse.ArgumentParser] | None = None
                  ) -> dict[str, Callable[[Client, argparse.Namespace], int]]:
-    """Adds the verbs to the CLI's subparsers; returns their handlers by name."""
+    """Adds the verbs to the CLI's subparsers; returns their handlers by name.
+
+    `parents` carries the connection options, so they work after the verb too.
+    """
+    parents = parents or []
     recommend = commands.add_parser(
-        "recommend", help="items like some examples and unlike others")
-    recommend.add_argument("--collection", required=True, metavar="NAME")
+        "recommend", parents=parents, help="items like some examples and unlike others")
+    recommend.add_argument("--collection", required=True, metavar="NAME",
+                           help="collection to recommend from")
     recommend.add_argument("--like", action="append", default=[], metavar="ID",
                            help="a stored item to find more like (repeatable)")
-    recommend.add_argument("--unlike", action="append", default=[], metavar="ID")
-    recommend.add_argument("--like-text", action="append", default=[], metavar="TEXT")
-    recommend.add_argument("--unlike-text", action="append", default=[], metavar="TEXT")
-    recommend.add_argument("--like-image", action="append", default=[], metavar="PATH")
-    recommend.add_argument("--unlike-image", action="append", default=[], metavar="PATH")
+    recommend.add_argument("--unlike", action="append", default=[], metavar="ID",
+                           help="a stored item to steer away from (repeatable)")
+    recommend.add_argument("--like-text", action="append", default=[], metavar="TEXT",
+                           help="a text to find items like (repeatable)")
+    recommend.add_argument("--unlike-text", action="append", default=[], metavar="TEXT",
+                           help="a text to steer away from (repeatable)")
+    recommend.add_argument("--like-image", action="append", default=[], metavar="PATH",
+                           help="an image file to find items like (repeatable)")
+    recommend.add_argument("--unlike-image", action="append", default=[], metavar="PATH",
+                           help="an image file to steer away from (repeatable)")
     recommend.add_argument("-k", type=positive_int, default=10, help="hits wanted (default 10)")
     recommend.add_argument("--strategy", choices=["average-vector", "best-score"],
-                           default="average-vector")
+                           default="average-vector",
+                           help="how examples combine (default: average-vector)")
 
-    classify = commands.add_parser("classify", help="zero-shot classify images by labels")
-    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    classify = commands.add_parser("classify", parents=parents,
+                                   help="zero-shot classify images by labels")
+    classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
     classify.add_argument("--labels", required=True, metavar="A,B,C",
                           help="comma-separated labels in plain words")
     classify.add_argument("--template", action="append", default=None, metavar="TEXT",
@@ -115,19 +128,24 @@ def add_commands(commands: Any, positive_int: Callable[[str], int]
     classify.add_argument("--top", type=positive_int, default=3, metavar="N",
                           help="labels shown per image (default 3)")
 
-    duplicates = commands.add_parser("duplicates", help="groups of near-duplicate items")
-    duplicates.add_argument("--collection", required=True, metavar="NAME")
+    duplicates = commands.add_parser("duplicates", parents=parents,
+                                     help="groups of near-duplicate items")
+    duplicates.add_argument("--collection", required=True, metavar="NAME",
+                            help="collection to search for duplicates")
     duplicates.add_argument("--threshold", type=_threshold, default=None,
                             help="cosine similarity, (0, 1] (default: the server's, 0.95)")
     duplicates.add_argument("--neighbors", type=positive_int, default=10, metavar="N",
                             help="graph neighbours looked at per item (default 10)")
 
-    cluster = commands.add_parser("cluster", help="k-means groups of a collection")
-    cluster.add_argument("--collection", required=True, metavar="NAME")
-    cluster.add_argument("-n", "--clusters", type=positive_int, required=True, metavar="N")
+    cluster = commands.add_parser("cluster", parents=parents, help="k-means groups of a collection")
+    cluster.add_argument("--collection", required=True, metavar="NAME",
+                         help="collection to cluster")
+    cluster.add_argument("-n", "--clusters", type=positive_int, required=True, metavar="N",
+                         help="number of clusters")
     cluster.add_argument("--top", type=positive_int, default=5, metavar="N",
                          help="central items shown per cluster (default 5)")
-    cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--seed", type=int, default=0,
+                         help="k-means seed: the same seed gives the same clusters")
     cluster.add_argument("--write-key", metavar="KEY", default=None,
                          help="store each item's cluster number under this metadata key")
     return {"recommend": _recommend, "classify": _classify, "duplicates": _duplicates,

@@ -30,7 +30,7 @@ from grpc_status import rpc_status
 from tqdm import tqdm
 
 from clipsearch.analysis import AnalysisMixin
-from clipsearch.filters import FilterSpec, to_filter
+from clipsearch.filters import FilterSpec, to_filter, with_stored_times
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
@@ -112,6 +112,8 @@ class BatchError(ClipSearchError):
         *,
         vectors: np.ndarray | None = None,
         upserted: int | None = None,
+        written_ids: list[str] | None = None,
+        not_written_ids: list[str] | None = None,
     ) -> None:
         codes = {e.code for e in errors}
         code = codes.pop() if len(codes) == 1 else grpc.StatusCode.UNKNOWN
@@ -124,6 +126,37 @@ class BatchError(ClipSearchError):
         self.errors = errors
         self.vectors = vectors
         self.upserted = upserted
+        self.written_ids = written_ids  # upsert: the ids stored, and those that were not
+        self.not_written_ids = not_written_ids
+
+
+class PartialWriteError(ClipSearchError):
+    """A request of a write the client split into several failed; others may have succeeded.
+
+    ``code`` and ``details`` are the failed request's. ``written_ids`` were stored (their
+    requests succeeded); ``not_written_ids`` were not confirmed: refused, never sent after
+    the failure, or in a request that failed. A request that failed with DEADLINE_EXCEEDED or
+    UNAVAILABLE may still have been stored; upsert is idempotent, so resending
+    ``not_written_ids`` is safe. ``errors`` lists per-item failures of the requests that
+    succeeded.
+    """
+
+    def __init__(
+        self,
+        cause: ClipSearchError,
+        written_ids: list[str],
+        not_written_ids: list[str],
+        errors: list[ItemFailure],
+    ) -> None:
+        super().__init__(
+            cause.code,
+            f"{cause.details} ({len(written_ids)} items written, {len(not_written_ids)} not)",
+            cause.field_violations,
+        )
+        self.written_ids = written_ids
+        self.not_written_ids = not_written_ids
+        self.upserted = len(written_ids)
+        self.errors = errors
 
 
 def _status_code(number: int) -> grpc.StatusCode:
@@ -179,6 +212,8 @@ class ServerInfo:
     max_k: int
     image_size: int
     precision_reason: str = ""  # why the server runs in `precision` (auto's choice)
+    # Collections on disk the server could not open at start: name -> reason. Not served.
+    unavailable_collections: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -240,14 +275,17 @@ def decode_matrix(msg: pb.Matrix) -> np.ndarray:
 
 
 def metadata_to_struct(metadata: Mapping[str, Any] | None) -> struct_pb2.Struct:
-    """A JSON-like mapping as a Struct; TypeError for anything JSON cannot hold."""
+    """A JSON-like mapping as a Struct; TypeError for anything JSON cannot hold.
+
+    Timezone-aware datetimes (and dates) are stored as ISO 8601 UTC text (see
+    filters.stored_time), the form the server's time ranges compare against."""
     struct = struct_pb2.Struct()
     if metadata is None:
         return struct
     if not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
     try:
-        json_format.ParseDict(dict(metadata), struct)
+        json_format.ParseDict(with_stored_times(metadata), struct)
     except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
         raise TypeError(f"metadata is not JSON-like: {exc}") from exc
     return struct
@@ -559,8 +597,9 @@ class Client(AnalysisMixin):
 
         Returns the number written. The collection is created on first write. Items are sent
         in batches; if some fail, the rest are still written and BatchError is raised at the
-        end (``errors`` index into ``ids``). An RPC failure stops at the batch it hit; the
-        batches before it are written, and upsert is idempotent, so a retry is safe.
+        end (``errors`` index into ``ids``). An RPC failure stops sending at the batch it hit
+        and raises PartialWriteError; both errors carry ``written_ids`` and
+        ``not_written_ids``. Upsert is idempotent, so resending what was not written is safe.
         """
         given = [
             name
@@ -614,17 +653,25 @@ class Client(AnalysisMixin):
 
         written = 0
         failures: list[ItemFailure] = []
+        stored: set[int] = set()  # indexes whose request succeeded and item was not refused
+        rpc_error: ClipSearchError | None = None
         # Keep `pipeline` requests in flight: the server decodes one batch while the model
         # runs the previous one, instead of idling between round trips.
         in_flight: collections.deque[tuple[Future, list, int]] = collections.deque()
 
         def finish_oldest() -> None:
-            nonlocal written
+            nonlocal written, rpc_error
             future, sendable, count = in_flight.popleft()
             if sendable:
-                response = future.result()
-                written += response.upserted
-                failures.extend(_item_failures(response.errors, sendable))
+                try:
+                    response = future.result()
+                except ClipSearchError as exc:
+                    rpc_error = rpc_error or exc  # send no more; the report comes at the end
+                else:
+                    written += response.upserted
+                    refused = _item_failures(response.errors, sendable)
+                    failures.extend(refused)
+                    stored.update({i for i, _ in sendable} - {f.index for f in refused})
             bar.update(count)
 
         with tqdm(total=n, unit="item", disable=not progress) as bar, ThreadPoolExecutor(
@@ -633,6 +680,8 @@ class Client(AnalysisMixin):
             for batch in iter_batches(
                 items(), pb.Item.ByteSize, max_items=self.batch_size, max_bytes=self._batch_bytes
             ):
+                if rpc_error is not None:
+                    break
                 sendable = []
                 for index, item in batch:
                     size = item.ByteSize()
@@ -651,9 +700,14 @@ class Client(AnalysisMixin):
                     finish_oldest()
             while in_flight:
                 finish_oldest()
-        if failures:
-            failures.sort(key=lambda f: f.index)
-            raise BatchError(failures, n, upserted=written)
+        failures.sort(key=lambda f: f.index)
+        if rpc_error is not None or failures:
+            written_ids = [id_ for i, id_ in enumerate(ids) if i in stored]
+            not_written_ids = [id_ for i, id_ in enumerate(ids) if i not in stored]
+            if rpc_error is not None:
+                raise PartialWriteError(rpc_error, written_ids, not_written_ids, failures)
+            raise BatchError(failures, n, upserted=written, written_ids=written_ids,
+                             not_written_ids=not_written_ids)
         return written
 
     def get(
@@ -801,6 +855,7 @@ class Client(AnalysisMixin):
             max_k=r.max_k,
             image_size=r.image_size,
             precision_reason=r.precision_reason,
+            unavailable_collections={u.name: u.reason for u in r.unavailable_collections},
         )
 
 

@@ -107,3 +107,27 @@ def _scalar(key: str, value: Any) -> struct_pb2.Value:
     else:
         raise ValueError(f"filter value for {key!r} must be a str, number, bool or None")
     return v
+
+
+def stored_time(value: dt.datetime | dt.date) -> str:
+    """The form a metadata time is stored in: ISO 8601 text in UTC ending in 'Z', e.g.
+    '2021-06-01T12:30:00Z' ('2021-06-01' for a date). The server's time ranges read it back
+    as seconds since the epoch, so datetime bounds compare with it exactly."""
+    if not isinstance(value, dt.datetime):
+        return value.isoformat()
+    if value.tzinfo is None:
+        raise TypeError(f"metadata time {value!r} has no timezone: use a timezone-aware "
+                        "datetime, e.g. datetime(..., tzinfo=timezone.utc)")
+    utc = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds" if utc.microsecond else "seconds") + "Z"
+
+
+def with_stored_times(value: Any) -> Any:
+    """A copy of JSON-like metadata with every datetime/date turned into its stored text."""
+    if isinstance(value, (dt.datetime, dt.date)):
+        return stored_time(value)
+    if isinstance(value, Mapping):
+        return {k: with_stored_times(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [with_stored_times(v) for v in value]
+    return value

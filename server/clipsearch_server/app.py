@@ -21,9 +21,11 @@ from grpc_reflection.v1alpha import reflection
 
 from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 
+from .admission import CallBudgetInterceptor, grpc_concurrency_cap
 from .auth import BearerTokenInterceptor, load_tokens, server_credentials
 from .collection import Collections
 from .config import Settings, parse_settings
+from .datadir import DataDirBusy, DataDirLock, raise_descriptor_limit
 from .device_decode import device_decoder
 from .embedder import Embedder
 from .errors import ClipSearchError
@@ -50,6 +52,20 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(settings: Settings) -> int:
     """Run the server until a signal; returns the process exit code."""
+    data_lock = DataDirLock(settings.data_dir)
+    try:
+        data_lock.acquire()
+    except (DataDirBusy, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        return await _serve(settings)
+    finally:
+        data_lock.release()
+
+
+async def _serve(settings: Settings) -> int:
+    collection_room = raise_descriptor_limit()
     limit = settings.max_message_bytes
     metrics = Metrics()
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
@@ -60,11 +76,15 @@ async def serve(settings: Settings) -> int:
         return 2
     if tokens:
         interceptors.append(BearerTokenInterceptor(tokens))
+    # After authentication: ClipSearch calls and open streams get budgets of their own.
+    interceptors.append(CallBudgetInterceptor(settings.max_concurrent_rpcs,
+                                              settings.max_open_streams))
     server = grpc.aio.server(
         interceptors=interceptors,
         # Calls beyond this are refused with RESOURCE_EXHAUSTED: with the message limit, this
         # bounds the memory that requests in flight can take.
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=grpc_concurrency_cap(settings.max_concurrent_rpcs,
+                                                     settings.max_open_streams),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -138,12 +158,20 @@ async def serve(settings: Settings) -> int:
                         settings.decode_threads, settings.max_queued_batches, metrics,
                         batch_wait_s=settings.batch_wait_ms / 1000,
                         text_cache_size=settings.text_cache_size,
-                        jpeg_draft=settings.jpeg_draft, device_decoder=decoder)
+                        jpeg_draft=settings.jpeg_draft, device_decoder=decoder,
+                        max_decoded_bytes=settings.max_decoded_bytes)
     log.info("JPEG decoding on %s", "the model's device (nvjpeg)" if decoder else "the CPU")
     embedder.batcher.max_call_s = settings.max_model_call_ms / 1000
     servicer.ready(model, embedder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)
+    if collections.unavailable:
+        log.error("not serving %d collections that could not be opened: %s",
+                  len(collections.unavailable), ", ".join(sorted(collections.unavailable)))
+    if len(collections.names()) + len(collections.unavailable) > collection_room:
+        log.warning("%d collections but the open-file limit leaves room for about %d: raise "
+                    "the hard limit (ulimit -Hn, LimitNOFILE=)",
+                    len(collections.names()) + len(collections.unavailable), collection_room)
     if http is not None:
         log.info("search page: %s", http.url)
 

@@ -1,16 +1,28 @@
-"""Bearer-token authentication and TLS credentials.
+"""Bearer-token authentication with scopes, and TLS credentials.
 
-Tokens come from a file (one per line, `#` comments) and/or CLIPSEARCH_AUTH_TOKENS
-(comma-separated). Every call must carry `authorization: Bearer <token>`, except the health
-and reflection services, which stay open so that orchestrators and tools can probe the server.
+Tokens come from a file and/or CLIPSEARCH_AUTH_TOKENS (comma-separated entries). A line of the
+file (or an entry) reads `TOKEN [SCOPE [PATTERN...]]`; `#` starts a comment:
+
+* SCOPE is `read` (embed, search, get, list, count, info), `write` (also upsert, delete,
+  create collection, cluster) or `admin` (also drop). A bare token is `admin`.
+* PATTERNs are shell-style globs (fnmatch) limiting the token to those collection names;
+  without any, the token reaches every collection. Collection listings show only the names a
+  token may reach.
+
+Every call must carry `authorization: Bearer <token>`, except the health and reflection
+services, which stay open so that orchestrators and tools can probe the server. A valid token
+beyond its scope or collections gets PERMISSION_DENIED naming what it would need.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -20,22 +32,76 @@ log = logging.getLogger(__name__)
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
+SERVICE_PREFIX = "/clipsearch.v1.ClipSearchService/"
+
+READ, WRITE, ADMIN = "read", "write", "admin"
+SCOPES = (READ, WRITE, ADMIN)  # each includes the ones before it
+
+# The one table of which scope each ClipSearchService method needs. A method missing here
+# needs `admin`, so a new RPC is closed until someone decides its scope.
+METHOD_SCOPES: dict[str, str] = {
+    "EmbedTexts": READ,
+    "EmbedImages": READ,
+    "ListCollections": READ,
+    "GetCollection": READ,
+    "GetItems": READ,
+    "CountItems": READ,
+    "ListItems": READ,
+    "Search": READ,
+    "GetServerInfo": READ,
+    "Recommend": READ,
+    "Classify": READ,
+    "FindDuplicates": READ,
+    "CreateCollection": WRITE,
+    "UpsertItems": WRITE,
+    "DeleteItems": WRITE,
+    "Cluster": WRITE,
+    "DropCollection": ADMIN,
+}
 
 
-def load_tokens(path: Path | None, from_env: str | None) -> list[str]:
-    """Every accepted token; an empty list means authentication is off."""
-    tokens: list[str] = []
+@dataclass(frozen=True)
+class TokenGrant:
+    """What one token may do: a scope, on collections matching any pattern (none = all)."""
+
+    token: str
+    scope: str = ADMIN
+    patterns: tuple[str, ...] = ()
+
+    def allows_scope(self, needed: str) -> bool:
+        return SCOPES.index(self.scope) >= SCOPES.index(needed)
+
+    def allows_collection(self, name: str) -> bool:
+        return not self.patterns or any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+
+def required_scope(method: str) -> str:
+    """The scope a full method name (/package.Service/Method) needs."""
+    return METHOD_SCOPES.get(method.rsplit("/", 1)[-1], ADMIN)
+
+
+def parse_grant(entry: str) -> TokenGrant:
+    """`TOKEN [SCOPE [PATTERN...]]` -> TokenGrant; InvalidArgument when malformed."""
+    token, *rest = entry.split()
+    if len(token) < 16:
+        raise InvalidArgument("auth tokens must be at least 16 characters long")
+    scope = rest[0].lower() if rest else ADMIN
+    if scope not in SCOPES:
+        raise InvalidArgument(f"auth token scope must be read, write or admin, not {rest[0]!r}")
+    return TokenGrant(token, scope, tuple(rest[1:]))
+
+
+def load_tokens(path: Path | None, from_env: str | None) -> list[TokenGrant]:
+    """Every accepted token and its grant; an empty list means authentication is off."""
+    entries: list[str] = []
     if path is not None:
         for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                tokens.append(line)
+            line = line.split("#", 1)[0].strip()
+            if line:
+                entries.append(line)
     if from_env:
-        tokens.extend(t.strip() for t in from_env.split(",") if t.strip())
-    for token in tokens:
-        if len(token) < 16:
-            raise InvalidArgument("auth tokens must be at least 16 characters long")
-    return tokens
+        entries.extend(t.strip() for t in from_env.split(",") if t.strip())
+    return [parse_grant(entry) for entry in entries]
 
 
 def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -46,15 +112,19 @@ def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid bearer token with UNAUTHENTICATED."""
+    """UNAUTHENTICATED without a valid bearer token; PERMISSION_DENIED beyond its grant."""
 
-    def __init__(self, tokens: list[str]) -> None:
-        self._tokens = [t.encode() for t in tokens]
+    def __init__(self, grants: list[TokenGrant]) -> None:
+        self._grants = [(g.token.encode(), g) for g in grants]
 
-    def _valid(self, presented: str) -> bool:
+    def _grant(self, presented: str) -> TokenGrant | None:
         candidate = presented.encode()
+        found = None
         # compare against every token, so timing does not tell which one nearly matched
-        return sum(hmac.compare_digest(candidate, t) for t in self._tokens) > 0
+        for token, grant in self._grants:
+            if hmac.compare_digest(candidate, token):
+                found = grant
+        return found
 
     async def intercept_service(
         self,
@@ -68,10 +138,55 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if not header:
             return _refuse(grpc.StatusCode.UNAUTHENTICATED,
                            "missing 'authorization: Bearer <token>' metadata")
-        if scheme.lower() != "bearer" or not self._valid(token.strip()):
+        grant = self._grant(token.strip()) if scheme.lower() == "bearer" else None
+        if grant is None:
             log.warning("refused a call to %s: invalid token", details.method)
             return _refuse(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
-        return await continuation(details)
+        needed = required_scope(details.method)
+        if not grant.allows_scope(needed):
+            return _refuse(grpc.StatusCode.PERMISSION_DENIED,
+                           f"{details.method.rsplit('/', 1)[-1]} needs the '{needed}' scope; "
+                           f"this token has '{grant.scope}'")
+        handler = await continuation(details)
+        if not grant.patterns or handler is None or handler.unary_unary is None:
+            return handler
+        return _limited_to_collections(handler, grant, needed)
+
+
+def _limited_to_collections(handler: grpc.RpcMethodHandler, grant: TokenGrant, needed: str
+                            ) -> grpc.RpcMethodHandler:
+    """The handler, refusing collections outside the grant and hiding them from listings."""
+    behavior = handler.unary_unary
+    patterns = " ".join(grant.patterns)
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        name = _collection_of(request)
+        if name is not None and not grant.allows_collection(name):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this token reaches collections matching {patterns}, not {name!r}; "
+                f"the call needs the '{needed}' scope on {name!r}")
+        response = await behavior(request, context)
+        if hasattr(response, "collections"):  # ListCollections: only what the token reaches
+            keep = [c for c in response.collections if grant.allows_collection(c.name)]
+            del response.collections[:]
+            response.collections.extend(keep)
+        return response
+
+    return grpc.unary_unary_rpc_method_handler(
+        checked, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
+def _collection_of(request: Any) -> str | None:
+    """The collection a request names (`collection`, or `name` for the collection calls)."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:
+        return None
+    for field in ("collection", "name"):
+        if field in descriptor.fields_by_name:
+            return getattr(request, field)
+    return None
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None

@@ -16,18 +16,28 @@ where a snapshot is missing, damaged, or older than the store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    storage_error,
+)
 from .filters import MATCH_ALL, SqlFilter
 from .index import ChildSaveFailed, HnswIndex, SnapshotInvalid, fsync_dir
 from .store import NewItem, Record, Store
@@ -35,7 +45,7 @@ from .thumbnails import DEFAULT_THUMBNAIL_SIZE
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
 STORE_FILE = "store.sqlite3"
 # Rebuild a collection's graph from the store once deletions and replacements since the last
 # build exceed this share of its items (and this minimum): churn degrades an HNSW graph.
@@ -68,8 +78,21 @@ class SearchHit:
     vector: np.ndarray
 
 
+@contextlib.contextmanager
+def _writing(what: str) -> Iterator[None]:
+    """Turn a disk-full or unwritable data dir into RESOURCE_EXHAUSTED or UNAVAILABLE."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        mapped = storage_error(exc)
+        if mapped is None:
+            raise
+        log.warning("%s failed: %s", what, exc)
+        raise mapped from exc
+
+
 def check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
             f"collection name {name!r} is not valid: use 1 to 64 letters, digits, '_', '-' or "
             "'.', starting with a letter or digit"
@@ -229,7 +252,8 @@ class Collection:
             self.check_vector(item.vector)
         with self.index.lock.write():
             self._check_open()
-            seq, labels, created = self.store.upsert(items)
+            with _writing(f"upsert into {self.name}"):
+                seq, labels, created = self.store.upsert(items)
             # The store applies a batch in order; for an id repeated in one batch the last wins.
             last = {item.id: (label, item.vector)
                     for item, label in zip(items, labels, strict=True)}
@@ -243,7 +267,8 @@ class Collection:
     def delete(self, ids: list[str]) -> int:
         with self.index.lock.write():
             self._check_open()
-            seq, labels = self.store.delete(ids)
+            with _writing(f"delete from {self.name}"):
+                seq, labels = self.store.delete(ids)
             self.index.delete(labels)
             self.index.seq = seq
             self._count -= len(labels)
@@ -350,20 +375,39 @@ class Collections:
         self.ef_construction = ef_construction
         self._lock = threading.Lock()
         self._open: dict[str, Collection] = {}
+        # Collections whose files could not be opened at start: name -> reason. Left on disk,
+        # not served; a restart tries them again.
+        self.unavailable: dict[str, str] = {}
 
     def open_all(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(".dropped-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         for folder in sorted(self.root.iterdir()):
-            if not folder.is_dir() or not NAME_PATTERN.match(folder.name):
+            if not folder.is_dir() or not NAME_PATTERN.fullmatch(folder.name):
                 continue
-            if (folder / STORE_FILE).exists() and "dim" in Store.peek_meta(folder / STORE_FILE):
+            try:
+                if self._never_created(folder):
+                    # a create killed before its settings were committed: never acknowledged
+                    log.warning("removing %s: its creation never completed", folder.name)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    continue
                 self._open[folder.name] = Collection.open(folder)
-            else:
-                # a create killed before its settings were committed: it was never acknowledged
-                log.warning("removing %s: its creation never completed", folder.name)
-                shutil.rmtree(folder, ignore_errors=True)
+            except Exception as exc:  # anything else: keep the files, serve the others
+                reason = f"{type(exc).__name__}: {exc}"
+                self.unavailable[folder.name] = reason
+                log.error("collection %s is unavailable, its files are left untouched: %s",
+                          folder.name, reason)
+
+    @staticmethod
+    def _never_created(folder: Path) -> bool:
+        """True only for a folder whose store provably never committed its settings."""
+        store = folder / STORE_FILE
+        if not store.exists():
+            if any(folder.iterdir()):
+                raise FileNotFoundError(f"{STORE_FILE} is missing but the folder is not empty")
+            return True  # created and killed before the store appeared
+        return "dim" not in Store.peek_meta(store)  # raises when the store cannot be read
 
     def names(self) -> list[str]:
         with self._lock:
@@ -379,8 +423,15 @@ class Collections:
             collection = self._open.get(name)
         if collection is None:
             check_name(name)
+            self._check_available(name)
             raise NotFound(f"collection {name!r} does not exist")
         return collection
+
+    def _check_available(self, name: str) -> None:
+        reason = self.unavailable.get(name)
+        if reason is not None:
+            raise Unavailable(f"collection {name!r} could not be opened at start ({reason}); "
+                              "its files are kept: fix the cause and restart the server")
 
     def create(self, name: str, m: int = 0, ef_construction: int = 0, exist_ok: bool = False,
                thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE) -> Collection:
@@ -390,9 +441,16 @@ class Collections:
                 if exist_ok:
                     return self._open[name]
                 raise AlreadyExists(f"collection {name!r} already exists")
-            collection = Collection.create(self.root / name, self.dim, self.fingerprint,
-                                           m or self.m, ef_construction or self.ef_construction,
-                                           thumbnail_size)
+            self._check_available(name)
+            try:
+                with _writing(f"create collection {name}"):
+                    collection = Collection.create(
+                        self.root / name, self.dim, self.fingerprint, m or self.m,
+                        ef_construction or self.ef_construction, thumbnail_size)
+            except BaseException:
+                # never acknowledged: leave no half-made folder to trip the next create
+                shutil.rmtree(self.root / name, ignore_errors=True)
+                raise
             self._open[name] = collection
             log.info("created collection %s (dim %d, model %s)", name, self.dim, self.fingerprint)
             return collection
@@ -402,11 +460,19 @@ class Collections:
         with self._lock:
             collection = self._open.pop(name, None)
             if collection is None:
+                self._check_available(name)
                 return False
-            collection.close()
             trash = self.root / f".dropped-{name}-{uuid.uuid4().hex}"
-            collection.folder.rename(trash)
-            fsync_dir(self.root)
+            try:
+                with _writing(f"drop collection {name}"):
+                    collection.folder.rename(trash)
+                    fsync_dir(self.root)
+            except BaseException:
+                if collection.folder.exists():  # not moved: it goes on being served
+                    self._open[name] = collection
+                    raise
+                # moved, only the directory sync failed: the drop stands
+            collection.close()
         shutil.rmtree(trash, ignore_errors=True)
         log.info("dropped collection %s", name)
         return True

@@ -48,6 +48,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     max_concurrent_rpcs: int = 64
+    max_open_streams: int = 16
+    max_decoded_bytes: int = 1 << 30
     max_queued_batches: int = 64
     batch_wait_ms: float = 2.0
     max_model_call_ms: float = 100.0
@@ -157,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--log-format", str, d.log_format, "text, or json for one JSON object per line")
     opt("--max-concurrent-rpcs", int, d.max_concurrent_rpcs,
         "calls served at once; more are refused with RESOURCE_EXHAUSTED (bounds memory)")
+    opt("--max-open-streams", int, d.max_open_streams,
+        "health Watch and reflection streams (which need no token) open at once, apart from "
+        "--max-concurrent-rpcs; more are refused with RESOURCE_EXHAUSTED")
+    opt("--max-decoded-bytes", int, d.max_decoded_bytes,
+        "decoded image tensors held at once across all requests, in bytes; calls that wait "
+        "past 10 s for room are refused with RESOURCE_EXHAUSTED")
     opt("--max-queued-batches", int, d.max_queued_batches,
         "model batches waiting at once; more are refused with RESOURCE_EXHAUSTED")
     opt("--batch-wait-ms", float, d.batch_wait_ms,
@@ -220,7 +228,8 @@ def validate(s: Settings) -> str | None:
     if not 0 <= s.http_port <= 65535:
         return f"--http-port must be 0..65535 (0 = off), not {s.http_port}"
     for name in ("max_message_bytes", "max_batch_size", "max_items_per_request", "max_k",
-                 "max_concurrent_rpcs", "max_queued_batches",
+                 "max_concurrent_rpcs", "max_open_streams", "max_decoded_bytes",
+                 "max_queued_batches",
                  "default_ef", "default_ef_text", "max_ef",
                  "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
         if getattr(s, name) < 1:

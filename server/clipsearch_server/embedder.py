@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .batcher import BULK, INTERACTIVE, Batcher
+from .decode_budget import DecodeBudget
 from .device_decode import DeviceJpegDecoder, JpegFile
 from .errors import ClipSearchError, InvalidArgument
 from .model import ClipModel
@@ -73,7 +74,8 @@ class Embedder:
                  metrics: Metrics | None = None, max_text_chars: int = 10_000,
                  batch_wait_s: float = 0.002, text_cache_size: int = 4096,
                  jpeg_draft: bool = True,
-                 device_decoder: DeviceJpegDecoder | None = None) -> None:
+                 device_decoder: DeviceJpegDecoder | None = None,
+                 max_decoded_bytes: int = 1 << 30) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_text_chars = max_text_chars
@@ -81,6 +83,9 @@ class Embedder:
         self.preprocess = ImagePreprocessor(model.transform, max_image_pixels, draft)
         self.device_decoder = device_decoder  # JPEGs decoded on the GPU when set
         self.cache = TextCache(text_cache_size)
+        # A decoded image is a 3 x S x S float32 tensor, and stacking a window copies it once.
+        self.decoded_image_bytes = 2 * 3 * model.image_size * model.image_size * 4
+        self.decode_budget = DecodeBudget(max_decoded_bytes)
         self.batcher = Batcher({"text": model.encode_texts, "image": model.encode_images},
                                max_batch_size, batch_wait_s, max_queued_batches, metrics)
         self._decode_pool = ThreadPoolExecutor(decode_threads,
@@ -135,7 +140,8 @@ class Embedder:
         ahead = asyncio.Semaphore(WINDOWS_AHEAD)
 
         async def window(rows: list[int]) -> None:
-            async with ahead:
+            async with ahead, self.decode_budget.hold(len(rows) * self.decoded_image_bytes,
+                                                      deadline):
                 decode = self._decode_on_device if self.device_decoder else self._decode_on_host
                 pixels, done, failed = await decode([images[i] for i in rows])
                 errors.update({rows[j]: exc for j, exc in failed.items()})

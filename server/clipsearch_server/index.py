@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -84,6 +85,7 @@ class PendingSave:
     seq: int
     capacity: int
     pid: int | None
+    least_bytes: int = 0  # a file shorter than this was cut off (hnswlib reports no errors)
 
 
 class ReadWriteLock:
@@ -248,25 +250,36 @@ class HnswIndex:
         # Named by this process: a child orphaned by a killed server may still be writing.
         tmp = self.folder / f"{name}.{os.getpid()}.tmp"
         capacity = self._graph.get_max_elements()
+        least = 4 * self.dim * self._graph.get_current_count()
         pid = None
-        if self.save_in_child if in_child is None else in_child:
-            pid = _save_in_child(self._graph, tmp)
-        else:
-            self._graph.save_index(str(tmp))
-        return PendingSave(tmp, name, self.seq, capacity, pid)
+        try:
+            if self.save_in_child if in_child is None else in_child:
+                pid = _save_in_child(self._graph, tmp)
+            else:
+                self._graph.save_index(str(tmp))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave partial files behind
+            raise
+        return PendingSave(tmp, name, self.seq, capacity, pid, least)
 
     def finish_save(self, pending: PendingSave) -> Manifest:
         """Wait for the file, then fsync, hash and publish it; needs no lock."""
         name, tmp = pending.name, pending.tmp
-        if pending.pid is not None:
-            _, status = os.waitpid(pending.pid, 0)  # releases the GIL while it waits
-            code = os.waitstatus_to_exitcode(status)
-            if code != 0:
-                tmp.unlink(missing_ok=True)
-                raise ChildSaveFailed(
-                    f"the child writing snapshot {name} failed (exit status {code})")
-        size, digest = _fsync_and_hash(tmp)
-        os.replace(tmp, self.folder / name)
+        try:
+            if pending.pid is not None:
+                _, status = os.waitpid(pending.pid, 0)  # releases the GIL while it waits
+                code = os.waitstatus_to_exitcode(status)
+                if code != 0:
+                    raise ChildSaveFailed(
+                        f"the child writing snapshot {name} failed (exit status {code})")
+            size, digest = _fsync_and_hash(tmp)
+            if size < pending.least_bytes:
+                # hnswlib's writer does not report write errors: a short file is a full disk
+                raise OSError(errno.ENOSPC, f"snapshot {name} came out short ({size} bytes)")
+            os.replace(tmp, self.folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave partial files behind
+            raise
         manifest = Manifest(
             format=FORMAT, file=name, size=size, sha256=digest, dim=self.dim, space=SPACE,
             m=self.m, ef_construction=self.ef_construction,
@@ -359,11 +372,15 @@ def _fsync_and_hash(path: Path) -> tuple[int, str]:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

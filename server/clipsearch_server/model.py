@@ -24,6 +24,7 @@ from PIL import Image
 from .catalog import bundled_config_dir
 from .config import Settings
 from .precision import choose_precision
+from .preflight import WeightsUnavailable, check_weights_reachable
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,10 @@ def load_model(settings: Settings) -> ClipModel:
     else:
         _check_pretrained_tag(settings.model, settings.pretrained or "")
         weights = settings.pretrained
+        try:
+            check_weights_reachable(settings.model, weights or "", settings.cache_dir)
+        except WeightsUnavailable as exc:
+            raise ModelLoadError(str(exc)) from None
     try:
         module, _, transform = open_clip.create_model_and_transforms(
             settings.model,

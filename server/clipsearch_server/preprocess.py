@@ -18,15 +18,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidArgument
+from .formats import ACCEPTED_FORMATS, accepted_names
 
-# MPO is how many phone cameras store JPEGs; Pillow versions differ on whether it is a format
-# of its own or part of JPEG, so keep the ones this Pillow knows.
-Image.init()
 # Pillow's own bomb guard is process-wide and fixed; ours (--max-image-pixels) is checked from
 # the header in decode_image before any pixel is decoded, so Pillow's is switched off.
 Image.MAX_IMAGE_PIXELS = None
-ACCEPTED_FORMATS = tuple(
-    f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -43,8 +39,7 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise InvalidArgument(
-            "not a decodable image; accepted formats are JPEG, PNG, WebP, GIF, BMP and TIFF"
-        ) from None
+            f"not a decodable image; accepted formats are {accepted_names()}") from None
     except Exception as exc:  # Pillow raises many types on hostile headers
         raise InvalidArgument(f"corrupt image header: {exc}") from None
     width, height = img.size

@@ -332,6 +332,9 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
             precision=m.precision, model_fingerprint=m.fingerprint, version=__version__,
             max_message_bytes=self.settings.max_message_bytes, max_k=self.settings.max_k,
             image_size=m.image_size, precision_reason=m.precision_reason,
+            unavailable_collections=[
+                pb.UnavailableCollection(name=name, reason=reason)
+                for name, reason in sorted(self.collections.unavailable.items())],
         )
 
     # --- helpers --------------------------------------------------------------------------

@@ -73,12 +73,20 @@ class Store:
 
     @staticmethod
     def peek_meta(path: Path) -> dict[str, str]:
-        """A store's settings, read without opening it for writing (empty if it has none)."""
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        """A store's settings, read without opening it for writing.
+
+        Empty only when the store is readable and provably has no settings (no meta table
+        yet, or no rows in it): a create killed before its commit. Any other failure (a
+        damaged file, a lock held by another process, no descriptors left) raises
+        sqlite3.Error, so that a caller never mistakes an unreadable store for an empty one.
+        """
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
         try:
+            tables = {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "meta" not in tables:
+                return {}
             return dict(db.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError:
-            return {}
         finally:
             db.close()
 

@@ -379,7 +379,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "pretrained", "checkpoint", "random_weights", "dim", "device", "precision", "model_fingerprint", "version", "max_message_bytes", "max_k", "image_size", "precision_reason")
+    __slots__ = ("model", "pretrained", "checkpoint", "random_weights", "dim", "device", "precision", "model_fingerprint", "version", "max_message_bytes", "max_k", "image_size", "precision_reason", "unavailable_collections")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -393,6 +393,7 @@ class GetServerInfoResponse(_message.Message):
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     pretrained: str
     checkpoint: str
@@ -406,7 +407,8 @@ class GetServerInfoResponse(_message.Message):
     max_k: int
     image_size: int
     precision_reason: str
-    def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ..., checkpoint: _Optional[str] = ..., random_weights: _Optional[bool] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., image_size: _Optional[int] = ..., precision_reason: _Optional[str] = ...) -> None: ...
+    unavailable_collections: _containers.RepeatedCompositeFieldContainer[UnavailableCollection]
+    def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ..., checkpoint: _Optional[str] = ..., random_weights: _Optional[bool] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., image_size: _Optional[int] = ..., precision_reason: _Optional[str] = ..., unavailable_collections: _Optional[_Iterable[_Union[UnavailableCollection, _Mapping]]] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("id", "text", "image", "vector")
@@ -587,3 +589,11 @@ class ClusterResponse(_message.Message):
     items_labelled: int
     inertia: float
     def __init__(self, clusters: _Optional[_Iterable[_Union[ClusterGroup, _Mapping]]] = ..., items_clustered: _Optional[int] = ..., items_labelled: _Optional[int] = ..., inertia: _Optional[float] = ...) -> None: ...
+
+class UnavailableCollection(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
