@@ -115,12 +115,12 @@ def _client_process(args: tuple) -> tuple[int, list[float], int]:
                 elif kind == "embed":
                     stub.EmbedImages(pb.EmbedImagesRequest(images=payload), timeout=120)
                     n = len(payload)
-                else:  # ingest
+                else:  # "ingest:COLLECTION"
                     base = f"{start_id}-{t}-{i}"
+                    items = [pb.Item(id=f"{base}-{j}", image=data)
+                             for j, data in enumerate(payload)]
                     stub.UpsertItems(pb.UpsertItemsRequest(
-                        collection="bench", items=[pb.Item(id=f"{base}-{j}", image=data)
-                                                   for j, data in enumerate(payload)]),
-                        timeout=120)
+                        collection=kind.split(":", 1)[1], items=items), timeout=120)
                     n = len(payload)
             except grpc.RpcError:
                 errors[0] += 1
@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--decode", default="off,on", help="--device-decode settings to run")
     parser.add_argument("--tables", default="ceiling,images,ingest,text")
     parser.add_argument("--server-args", default="", help="extra server flags")
+    parser.add_argument("--thumbnails", default="256,0",
+                        help="thumbnail sizes of the ingest runs' collections (0 = none)")
     parser.add_argument("--work-dir", type=Path, help="keep data and server logs here")
     args = parser.parse_args()
     tables = args.tables.split(",")
@@ -246,13 +248,18 @@ def main() -> None:
                     add([f"JPEG bytes -> vectors, gRPC, decode on "
                                  f"{'GPU' if decode == 'on' else 'CPU'}", rate, p50, p99,
                                  rate / img_rate, err])
-                if "ingest" in tables:
-                    progress(f"images: ingest, device decode {decode}")
-                    rate, p50, p99, err = load(address, "ingest", args.image_clients,
+                for size in (int(x) for x in args.thumbnails.split(",")
+                             if "ingest" in tables):
+                    progress(f"images: ingest, device decode {decode}, thumbnails {size}")
+                    name = f"bench-t{size}"
+                    with grpc.insecure_channel(address) as channel:
+                        pb_grpc.ClipSearchServiceStub(channel).CreateCollection(
+                            pb.CreateCollectionRequest(name=name, thumbnail_size=size))
+                    rate, p50, p99, err = load(address, f"ingest:{name}", args.image_clients,
                                                args.seconds, payload, args.processes)
                     add([f"JPEG bytes -> indexed (Upsert), decode on "
-                                 f"{'GPU' if decode == 'on' else 'CPU'}", rate, p50, p99,
-                                 rate / img_rate, err])
+                         f"{'GPU' if decode == 'on' else 'CPU'}, thumbnails {size or 'off'}",
+                         rate, p50, p99, rate / img_rate, err])
                 if "text" in tables and decode == args.decode.split(",")[0]:
                     texts = captions(20_000)
                     for clients in (int(c) for c in args.text_clients.split(",")):
