@@ -27,8 +27,11 @@ from conftest import TINY_MODEL, ServerProcess, coco_images
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Exact open_clip preprocessing (no JPEG draft decoding), for the parity checks."""
+    # open_clip's exact numbers: its preprocessing (no JPEG draft or device decoding) and fp32
+    # (the default, auto, picks bf16 where the hardware has it).
     proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("analysis") / "data",
-                         "--no-jpeg-draft").start()
+                         "--no-jpeg-draft", "--device-decode", "off",
+                         "--precision", "fp32").start()
     yield proc
     assert proc.stop() == 0, proc.log()
 
