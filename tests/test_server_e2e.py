@@ -324,11 +324,13 @@ def test_sigterm_drains_an_in_flight_upload(tiny_checkpoint, tmp_path) -> None:
     from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
     data = tmp_path / "data"
-    files = coco_images(128)
+    files = coco_images(256)
     request = pb.UpsertItemsRequest(
         collection="drain", items=[pb.Item(id=f.name, image=f.read_bytes()) for f in files])
-    # One decode thread: the 128 photos take a couple of seconds to decode.
-    proc = ServerProcess(tiny_checkpoint, data, "--decode-threads", "1").start()
+    # One decode thread and full-size decodes: the 256 photos take seconds to decode, so the
+    # upload is still in flight when the signal comes, even on a quiet machine.
+    proc = ServerProcess(tiny_checkpoint, data, "--decode-threads", "1",
+                         "--no-jpeg-draft").start()
     with grpc.insecure_channel(proc.address, options=[
             ("grpc.max_send_message_length", 64 << 20)]) as channel:
         future = pb_grpc.ClipSearchServiceStub(channel).UpsertItems.future(request, timeout=60)
@@ -387,17 +389,17 @@ def test_an_upload_whose_deadline_passes_writes_nothing(server: ServerProcess) -
     from clipsearch.v1 import clipsearch_pb2 as pb
     from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
-    files = coco_images(128)
+    files = coco_images(256)
     request = pb.UpsertItemsRequest(
         collection="deadline", items=[pb.Item(id=f.name, image=f.read_bytes()) for f in files])
     with grpc.insecure_channel(server.address, options=[
             ("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.ClipSearchServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.UpsertItems(request, timeout=0.3)
+            stub.UpsertItems(request, timeout=0.15)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(3)  # let whatever the server had started run out
-        # Decoding 128 photos outlasts the deadline: nothing is written, not even the
+        # Decoding 256 photos outlasts the deadline: nothing is written, not even the
         # collection that the first write would have created.
         with pytest.raises(grpc.RpcError) as caught:
             stub.CountItems(pb.CountItemsRequest(collection="deadline"), timeout=10)
