@@ -12,46 +12,17 @@ compared with a plain search on the same collection, in the same run.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import numpy as np
-from common import load, machine, ms, progress, section, table
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common import load, machine, ms, progress, section, start_server, table
 
 from clipsearch import Client
 
 COLLECTION = "bench-analysis"
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(data_dir.parent / "server.log", "wb")  # noqa: SIM115 - lives with the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipsearch_server", "--port", str(port), "--model", "ViT-B-32",
-         "--random-weights", "--data-dir", str(data_dir), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(1200):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {data_dir.parent / 'server.log'}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, address
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError("server did not become ready")
 
 
 def dataset(n: int, dim: int, pairs: int, seed: int = 0
@@ -85,7 +56,7 @@ def main() -> None:
     vectors, planted = dataset(args.n, 512, args.pairs)
     ids = [f"v{i:06d}" for i in range(args.n)]
     with tempfile.TemporaryDirectory() as tmp:
-        proc, address = start_server(Path(tmp) / "data")
+        proc, address = start_server("ViT-B-32", Path(tmp) / "data")
         try:
             with Client(address, timeout=600) as client:
                 progress(f"loading {args.n} vectors")

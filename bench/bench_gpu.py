@@ -23,9 +23,7 @@ import itertools
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,8 +32,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from common import fmt, machine, ms, progress, section, table
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common import fmt, machine, ms, progress, section, start_server, table
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
@@ -54,32 +51,6 @@ def captions(n: int) -> list[str]:
 
 
 # --- the server -----------------------------------------------------------------------------
-def start_server(model: str, device: str, data_dir: Path, extra: list[str]
-                 ) -> tuple[subprocess.Popen, str]:
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(data_dir.parent / f"server-{port}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipsearch_server", "--port", str(port), "--model", model,
-         "--random-weights", "--data-dir", str(data_dir), "--device", device,
-         "--max-message-bytes", str(256 << 20), *extra], stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(3000):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log.name}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, address
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError("server did not become ready")
-
-
 def stop_server(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -229,7 +200,8 @@ def main() -> None:
         add(["text tower alone, tokenised captions on the GPU", text_rate, "", "", ""])
     else:
         img_rate = float("nan")
-    base = ["--precision", args.precision, "--max-batch-size", str(args.batch),
+    base = ["--max-message-bytes", str(256 << 20), "--precision", args.precision,
+            "--max-batch-size", str(args.batch),
             "--text-cache-size", "0", "--decode-threads", "12", "--max-concurrent-rpcs", "1024",
             "--max-queued-batches", "4096", *args.server_args.split()]
     with tempfile.TemporaryDirectory() as scratch:
@@ -237,9 +209,9 @@ def main() -> None:
         for decode in args.decode.split(","):
             if not ({"images", "ingest"} & set(tables)) and decode != "off":
                 continue
-            proc, address = start_server(args.model, args.device,
+            proc, address = start_server(args.model,
                                          Path(tmp) / f"{args.model}-{decode}" / "data",
-                                         [*base, "--device-decode", decode])
+                                         [*base, "--device-decode", decode], args.device)
             try:
                 if "images" in tables:
                     progress(f"images: embed, device decode {decode}")

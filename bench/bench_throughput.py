@@ -23,22 +23,17 @@ import io
 import itertools
 import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import hnswlib
 import numpy as np
 import open_clip
 import torch
-from common import load, machine, ms, progress, section, table
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common import load, machine, ms, progress, section, start_server, table
 from PIL import Image
 
 from clipsearch import Client
@@ -60,31 +55,6 @@ def queries() -> list[str]:
 
 
 # --- the server -----------------------------------------------------------------------------
-def start_server(model: str, data_dir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(data_dir.parent / "server.log", "wb")  # noqa: SIM115 - lives with the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipsearch_server", "--port", str(port), "--model", model,
-         "--random-weights", "--data-dir", str(data_dir), "--device", "cpu",
-         "--http-port", "0", *extra],
-        stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(1200):
-            if proc.poll() is not None:
-                raise RuntimeError("server exited; see server.log")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, address
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError("server did not become ready")
-
-
 # --- load generation ------------------------------------------------------------------------
 def run_clients(clients: int, seconds: float, work: Callable[[int, int], None]
                 ) -> tuple[float, list[float]]:

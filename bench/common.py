@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -92,3 +95,40 @@ def load() -> str:
         return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "load average unknown"
+
+
+def start_server(model: str, data_dir: Path, extra: Sequence[str] = (), device: str = "cpu"
+                 ) -> tuple[subprocess.Popen, str]:
+    """`python -m clipsearch_server` with random weights on a free port, once it is SERVING.
+
+    Its log is `server-PORT.log` beside `data_dir`. The HTTP port is off, so that several
+    servers can run at once.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = data_dir.parent / f"server-{port}.log"
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clipsearch_server", "--port", str(port), "--model", model,
+             "--random-weights", "--data-dir", str(data_dir), "--device", device,
+             "--http-port", "0", *extra],
+            stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(3000):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {log_path}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return proc, address
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError(f"server did not become ready; see {log_path}")
