@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from clipsearch import BatchError, Client, ClipSearchError, CollectionInfo, ItemFailure, cli
-from clipsearch.client import (
+from clipsearch.client import iter_batches
+from clipsearch.results import (
     decode_matrix,
     decode_vector,
     encode_matrix,
     encode_vector,
-    iter_batches,
     metadata_to_struct,
     struct_to_metadata,
 )

@@ -14,28 +14,54 @@ dicts).
 from __future__ import annotations
 
 import collections
-import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf import json_format, struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.protobuf import struct_pb2
 from tqdm import tqdm
 
 from clipsearch.analysis import AnalysisMixin
-from clipsearch.filters import FilterSpec, to_filter, with_stored_times
+from clipsearch.errors import (
+    BatchError,
+    ClipSearchError,
+    ItemFailure,
+    PartialWriteError,
+    _field_violations,
+    _item_failures,
+    _malformed,
+    _too_large,
+)
+from clipsearch.filters import FilterSpec, to_filter
+from clipsearch.images import (
+    ImageInput,
+    _check_image,
+    _image_setter,
+    _is_pil_image,
+    _load_image,
+    _query_image,
+)
+from clipsearch.results import (
+    CollectionInfo,
+    Hit,
+    Record,
+    ServerInfo,
+    _record,
+    decode_matrix,
+    decode_vector,
+    encode_vector,
+    metadata_to_struct,
+    struct_to_metadata,
+)
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:  # Pillow is optional: only type checkers look at it.
-    from PIL.Image import Image as PILImage
+    pass
 
 __all__ = [
     "BatchError",
@@ -49,8 +75,6 @@ __all__ = [
     "ServerInfo",
 ]
 
-# A path, encoded image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF), or a PIL image.
-ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview | PILImage"
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -61,239 +85,10 @@ _ID_CHUNK = 1024
 _REQUEST_OVERHEAD = 4096
 
 _T = TypeVar("_T")
-_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 # --------------------------------------------------------------------------------------------
-# Errors
-
-
-class ClipSearchError(Exception):
-    """A call failed; ``code`` is the gRPC status code and ``details`` the server's message.
-
-    ``field_violations`` lists (field, description) pairs when the server named the request
-    fields at fault (google.rpc.BadRequest details), e.g. ``[("k", "k must be 1..1000")]``.
-    """
-
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        field_violations: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-        self.field_violations = list(field_violations)
-
-
-@dataclass(frozen=True)
-class ItemFailure:
-    """One item of a batch that failed; ``index`` is its position in the caller's list."""
-
-    index: int
-    code: grpc.StatusCode
-    message: str
-
-
-class BatchError(ClipSearchError):
-    """Some items of a batch call failed while the others succeeded.
-
-    ``errors`` lists the failed items (indexes into the caller's list). For embed calls,
-    ``vectors`` holds the whole result with NaN rows for the failed items, so a caller can
-    catch this and keep the good rows. For upsert, the good items were written and
-    ``upserted`` says how many.
-    """
-
-    def __init__(
-        self,
-        errors: list[ItemFailure],
-        total: int,
-        *,
-        vectors: np.ndarray | None = None,
-        upserted: int | None = None,
-        written_ids: list[str] | None = None,
-        not_written_ids: list[str] | None = None,
-    ) -> None:
-        codes = {e.code for e in errors}
-        code = codes.pop() if len(codes) == 1 else grpc.StatusCode.UNKNOWN
-        first = errors[0]
-        details = (
-            f"{len(errors)} of {total} items failed; first: item {first.index}: "
-            f"{first.code.name}: {first.message}"
-        )
-        super().__init__(code, details)
-        self.errors = errors
-        self.vectors = vectors
-        self.upserted = upserted
-        self.written_ids = written_ids  # upsert: the ids stored, and those that were not
-        self.not_written_ids = not_written_ids
-
-
-class PartialWriteError(ClipSearchError):
-    """A request of a write the client split into several failed; others may have succeeded.
-
-    ``code`` and ``details`` are the failed request's. ``written_ids`` were stored (their
-    requests succeeded); ``not_written_ids`` were not confirmed: refused, never sent after
-    the failure, or in a request that failed. A request that failed with DEADLINE_EXCEEDED or
-    UNAVAILABLE may still have been stored; upsert is idempotent, so resending
-    ``not_written_ids`` is safe. ``errors`` lists per-item failures of the requests that
-    succeeded.
-    """
-
-    def __init__(
-        self,
-        cause: ClipSearchError,
-        written_ids: list[str],
-        not_written_ids: list[str],
-        errors: list[ItemFailure],
-    ) -> None:
-        super().__init__(
-            cause.code,
-            f"{cause.details} ({len(written_ids)} items written, {len(not_written_ids)} not)",
-            cause.field_violations,
-        )
-        self.written_ids = written_ids
-        self.not_written_ids = not_written_ids
-        self.upserted = len(written_ids)
-        self.errors = errors
-
-
-def _status_code(number: int) -> grpc.StatusCode:
-    return _CODES_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True)
-class CollectionInfo:
-    """A collection as the server describes it; ``created_at`` is seconds since the epoch."""
-
-    name: str
-    count: int
-    dim: int
-    model_fingerprint: str
-    m: int
-    ef_construction: int
-    created_at: float
-    # long side of the WebP thumbnails kept for image items; 0 = none
-    thumbnail_size: int = 0
-
-    @classmethod
-    def _from_proto(cls, msg: pb.CollectionInfo) -> CollectionInfo:
-        return cls(
-            name=msg.name,
-            count=msg.count,
-            dim=msg.dim,
-            model_fingerprint=msg.model_fingerprint,
-            m=msg.hnsw.m,
-            ef_construction=msg.hnsw.ef_construction,
-            created_at=msg.created_at,
-            thumbnail_size=msg.thumbnail_size,
-        )
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    """The loaded model and the server's limits (mirrors GetServerInfoResponse)."""
-
-    model: str
-    pretrained: str
-    checkpoint: str
-    random_weights: bool
-    dim: int
-    device: str
-    precision: str
-    model_fingerprint: str
-    version: str
-    max_message_bytes: int
-    max_k: int
-    image_size: int
-    precision_reason: str = ""  # why the server runs in `precision` (auto's choice)
-    # Collections on disk the server could not open at start: name -> reason. Not served.
-    unavailable_collections: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Record:
-    """A stored item; ``vector`` is None unless vectors were asked for."""
-
-    id: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    vector: np.ndarray | None = None
-
-
-@dataclass
-class Hit:
-    """One search result; ``score`` is the cosine similarity, higher is nearer."""
-
-    id: str
-    score: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-    vector: np.ndarray | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Wire format helpers (pure; tested without a server)
-
-
-def encode_vector(vector: Any) -> pb.Vector:
-    """One vector as little-endian float32 bytes; accepts a 1-D or a one-row 2-D array-like."""
-    arr = np.asarray(vector, dtype=np.float32)
-    if arr.ndim == 2 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"a vector must be 1-D and not empty, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("a vector must not contain NaN or infinity")
-    return pb.Vector(data=arr.astype("<f4").tobytes(), dim=arr.shape[0])
-
-
-def decode_vector(msg: pb.Vector) -> np.ndarray:
-    """A wire vector as a writable native float32 array; checks the byte length."""
-    if len(msg.data) != 4 * msg.dim:
-        raise _malformed(f"vector of dim {msg.dim} has {len(msg.data)} bytes")
-    return np.frombuffer(msg.data, dtype="<f4").astype(np.float32)
-
-
-def encode_matrix(matrix: Any) -> pb.Matrix:
-    """An (n, dim) array-like as a wire matrix."""
-    arr = np.asarray(matrix, dtype=np.float32)
-    if arr.ndim != 2:
-        raise ValueError(f"a matrix must be 2-D, got shape {arr.shape}")
-    return pb.Matrix(data=arr.astype("<f4").tobytes(), rows=arr.shape[0], dim=arr.shape[1])
-
-
-def decode_matrix(msg: pb.Matrix) -> np.ndarray:
-    """A wire matrix as a writable native float32 array of shape (rows, dim)."""
-    if len(msg.data) != 4 * msg.rows * msg.dim:
-        raise _malformed(f"matrix {msg.rows}x{msg.dim} has {len(msg.data)} bytes")
-    arr = np.frombuffer(msg.data, dtype="<f4").astype(np.float32)
-    return arr.reshape(msg.rows, msg.dim)
-
-
-def metadata_to_struct(metadata: Mapping[str, Any] | None) -> struct_pb2.Struct:
-    """A JSON-like mapping as a Struct; TypeError for anything JSON cannot hold.
-
-    Timezone-aware datetimes (and dates) are stored as ISO 8601 UTC text (see
-    filters.stored_time), the form the server's time ranges compare against."""
-    struct = struct_pb2.Struct()
-    if metadata is None:
-        return struct
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
-    try:
-        json_format.ParseDict(with_stored_times(metadata), struct)
-    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
-        raise TypeError(f"metadata is not JSON-like: {exc}") from exc
-    return struct
-
-
-def struct_to_metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a dict; numbers come back as floats (that is what a Struct stores)."""
-    return json_format.MessageToDict(struct)
+# Request batching (pure; tested without a server)
 
 
 def iter_batches(
@@ -322,53 +117,6 @@ def iter_batches(
         batch_bytes += size
     if batch:
         yield batch
-
-
-def _malformed(what: str) -> ClipSearchError:
-    return ClipSearchError(grpc.StatusCode.INTERNAL, f"malformed response: {what}")
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-
-
-def _is_pil_image(obj: object) -> bool:
-    return type(obj).__module__.startswith("PIL.") and hasattr(obj, "save")
-
-
-def _check_image(obj: object, index: int | None) -> object:
-    """Validates one image input up front so that no call starts with a bad argument."""
-    what = "the query image" if index is None else f"image {index}"
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        if len(obj) == 0:
-            raise ValueError(f"{what} is empty")
-        return obj
-    if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what}: no such file: {os.fspath(path)}")
-        return path
-    if _is_pil_image(obj):
-        return obj
-    raise TypeError(f"{what} must be a path, bytes or a PIL image, got {type(obj).__name__}")
-
-
-def _load_image(obj: object) -> bytes:
-    """The encoded bytes of a checked image: files as they are, PIL images as PNG."""
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return bytes(obj)
-    if isinstance(obj, Path):
-        return obj.read_bytes()
-    buf = io.BytesIO()
-    image: Any = obj
-    if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-        image = image.convert("RGBA" if "A" in image.mode else "RGB")
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _query_image(image: object) -> bytes:
-    return _load_image(_check_image(image, None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -863,23 +611,6 @@ class Client(AnalysisMixin):
 # Small helpers
 
 
-def _field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
-    """The google.rpc.BadRequest field violations a failed call carries, if any."""
-    if not isinstance(exc, grpc.Call):
-        return []
-    try:
-        status = rpc_status.from_call(exc)
-    except ValueError:  # details inconsistent with the call's status
-        return []
-    violations: list[tuple[str, str]] = []
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations.extend((v.field, v.description) for v in bad.field_violations)
-    return violations
-
-
 def _strings(values: Sequence[str], name: str, each: str) -> list[str]:
     """A list of str, or a TypeError naming the argument (one str is a common slip)."""
     if isinstance(values, str):
@@ -893,14 +624,6 @@ def _strings(values: Sequence[str], name: str, each: str) -> list[str]:
 
 def _read(path: str | os.PathLike[str] | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
-
-
-def _record(item: pb.StoredItem) -> Record:
-    return Record(
-        id=item.id,
-        metadata=struct_to_metadata(item.metadata),
-        vector=decode_vector(item.vector) if item.HasField("vector") else None,
-    )
 
 
 def _check_length(name: str, got: int, want: int) -> None:
@@ -918,14 +641,6 @@ def _setter(field_name: str, value: Any) -> Callable[[pb.Item], None]:
     return set_content
 
 
-def _image_setter(image: object) -> Callable[[pb.Item], None]:
-    # Loaded when the item is built, so only the batch being assembled is in memory.
-    def set_content(item: pb.Item) -> None:
-        item.image = _load_image(image)
-
-    return set_content
-
-
 def _id_chunks(ids: Sequence[str]) -> Iterator[list[str]]:
     if isinstance(ids, str):
         raise TypeError("ids must be a sequence of strings, not one string")
@@ -937,19 +652,3 @@ def _id_chunks(ids: Sequence[str]) -> Iterator[list[str]]:
         yield ids[start : start + _ID_CHUNK]
 
 
-def _too_large(index: int, size: int, limit: int) -> ItemFailure:
-    return ItemFailure(
-        index, grpc.StatusCode.RESOURCE_EXHAUSTED, f"item is {size} bytes, over the {limit} limit"
-    )
-
-
-def _item_failures(
-    errors: Iterable[pb.ItemError], sent: Sequence[tuple[int, Any]]
-) -> list[ItemFailure]:
-    """Maps per-item errors from request positions back to the caller's indexes."""
-    failures = []
-    for error in errors:
-        if error.index >= len(sent):
-            raise _malformed(f"error for item {error.index} of a batch of {len(sent)}")
-        failures.append(ItemFailure(sent[error.index][0], _status_code(error.code), error.message))
-    return failures
