@@ -7,7 +7,6 @@ imports neither torch nor Pillow; ``serve`` imports the server only when asked f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from clipsearch.cli_verbs import (
     collection_name,
     connection_refused,
     non_empty,
+    print_hits,
 )
 from clipsearch.client import BatchError, Client, ClipSearchError
 
@@ -183,16 +183,7 @@ def _search(client: Client, args: argparse.Namespace) -> int:
         query["image"] = args.image
     if args.id is not None:
         query["id"] = args.id
-    hits = client.search(args.collection, k=args.k, ef=args.ef, **query)
-    if not hits:
-        print("no hits")
-        return 0
-    id_width = max(2, *(len(h.id) for h in hits))
-    rank_width = max(4, len(str(len(hits))))
-    print(f"{'rank':>{rank_width}}  {'score':>7}  {'id':<{id_width}}  metadata")
-    for rank, hit in enumerate(hits, 1):
-        meta = json.dumps(hit.metadata, separators=(",", ":"), ensure_ascii=False)
-        print(f"{rank:>{rank_width}}  {hit.score:>7.4f}  {hit.id:<{id_width}}  {meta}")
+    print_hits(client.search(args.collection, k=args.k, ef=args.ef, **query))
     return 0
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from clipsearch.cli_verbs import print_hits
 from clipsearch.client import BatchError, Client
 
 
@@ -18,7 +19,7 @@ def _recommend(client: Client, args: argparse.Namespace) -> int:
                  *({"image": p} for p in args.unlike_image)]
     hits = client.recommend(args.collection, positives, negatives, k=args.k,
                             strategy=args.strategy.replace("-", "_"))
-    _print_hits(hits)
+    print_hits(hits)
     return 0
 
 
@@ -67,18 +68,6 @@ def _cluster(client: Client, args: argparse.Namespace) -> int:
     if args.write_key:
         print(f"wrote metadata key {args.write_key!r} on {result.items_labelled} items")
     return 0
-
-
-def _print_hits(hits: list[Any]) -> None:
-    if not hits:
-        print("no hits")
-        return
-    id_width = max(2, *(len(h.id) for h in hits))
-    rank_width = max(4, len(str(len(hits))))
-    print(f"{'rank':>{rank_width}}  {'score':>7}  {'id':<{id_width}}  metadata")
-    for rank, hit in enumerate(hits, 1):
-        meta = json.dumps(hit.metadata, separators=(",", ":"), ensure_ascii=False)
-        print(f"{rank:>{rank_width}}  {hit.score:>7.4f}  {hit.id:<{id_width}}  {meta}")
 
 
 def _threshold(text: str) -> float:

@@ -150,3 +150,16 @@ def count(client: Client, args: argparse.Namespace) -> int:
 
 
 ITEM_COMMANDS = {"drop": drop, "delete": delete, "get": get, "count": count}
+
+
+def print_hits(hits: list[Any]) -> None:
+    """A ranked table of hits: rank, score, id and metadata as compact JSON."""
+    if not hits:
+        print("no hits")
+        return
+    id_width = max(2, *(len(h.id) for h in hits))
+    rank_width = max(4, len(str(len(hits))))
+    print(f"{'rank':>{rank_width}}  {'score':>7}  {'id':<{id_width}}  metadata")
+    for rank, hit in enumerate(hits, 1):
+        meta = json.dumps(hit.metadata, separators=(",", ":"), ensure_ascii=False)
+        print(f"{rank:>{rank_width}}  {hit.score:>7.4f}  {hit.id:<{id_width}}  {meta}")
