@@ -140,13 +140,7 @@ class AnalysisRpcs:
                 raise InvalidArgument(f"{field}[{i}] is empty: set id, text, image or vector",
                                       f"{field}[{i}]")
         if ids:
-            found = await asyncio.to_thread(collection.get, list(ids.values()))
-            missing = [(i, id_) for i, id_ in ids.items() if id_ not in found]
-            if missing:
-                names = ", ".join(repr(id_) for _, id_ in missing)
-                raise NotFound(f"{field}: no item {names} in collection {collection.name!r}",
-                               f"{field}[{missing[0][0]}].id")
-            rows.update((i, found[id_].vector) for i, id_ in ids.items())
+            rows.update(await _stored_vectors(collection, ids, field, f"{field}: "))
         if texts or images:
             collection.check_model(self.model.fingerprint)
         for kind, pending, embed in (("text", texts, self._embed_texts),
@@ -185,13 +179,7 @@ class AnalysisRpcs:
                 raise InvalidArgument("inputs name stored ids: set collection", "collection")
             collection = self.collections.get(request.collection)
             collection.check_model(self.model.fingerprint)
-            found = await asyncio.to_thread(collection.get, list(ids.values()))
-            missing = [(i, id_) for i, id_ in ids.items() if id_ not in found]
-            if missing:
-                names = ", ".join(repr(id_) for _, id_ in missing)
-                raise NotFound(f"no item {names} in collection {collection.name!r}",
-                               f"inputs[{missing[0][0]}].id")
-            vectors.update((i, found[id_].vector) for i, id_ in ids.items())
+            vectors.update(await _stored_vectors(collection, ids, "inputs"))
         deadline = svc._deadline(context)
         label_vectors = await self._label_vectors(labels, templates, deadline)
         embedded = await self._embed_images([b for _, b in images], deadline)
@@ -370,6 +358,19 @@ class _LruCache:
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+
+
+async def _stored_vectors(collection: Collection, ids: dict[int, str], field: str,
+                          prefix: str = "") -> dict[int, np.ndarray]:
+    """The stored vectors of the items that request positions name, or NotFound naming all
+    the missing ids (the field points at the first)."""
+    found = await asyncio.to_thread(collection.get, list(ids.values()))
+    missing = [(i, id_) for i, id_ in ids.items() if id_ not in found]
+    if missing:
+        names = ", ".join(repr(id_) for _, id_ in missing)
+        raise NotFound(f"{prefix}no item {names} in collection {collection.name!r}",
+                       f"{field}[{missing[0][0]}].id")
+    return {i: found[id_].vector for i, id_ in ids.items()}
 
 
 def _check_labels(labels: list[str], templates: list[str]) -> tuple[list[str], list[str]]:
