@@ -207,7 +207,7 @@ def load_model(settings: Settings) -> ClipModel:
     precision, precision_reason = choose_precision(settings.precision, device)
     if precision == "fp16" and device.type == "cpu":
         raise ModelLoadError("--precision fp16 needs a GPU; use fp32 (or bf16) on the CPU")
-    if device.type == "cuda" and settings.precision == "fp32":
+    if device.type == "cuda" and precision == "fp32":
         # fp32 promises open_clip's numbers: no TF32 (cuDNN uses it for convolutions by
         # default, which moves the patch embedding by ~1e-3).
         torch.backends.cudnn.allow_tf32 = False
