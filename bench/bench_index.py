@@ -32,11 +32,11 @@ import numpy as np
 from common import load, machine, ms, progress, section, table
 
 from clipsearch.v1 import clipsearch_pb2 as pb
-from clipsearch_server.collection import MAX_BOOSTED_EF, STORE_FILE, Collection, Collections
 from clipsearch_server.config import Settings
 from clipsearch_server.filters import SqlFilter, compile_filter
 from clipsearch_server.index import MANIFEST
 from clipsearch_server.store import NewItem, Store
+from clipsearch_server.stores.local import MAX_BOOSTED_EF, STORE_FILE, Collection, Collections
 
 DIM = 512
 K = 10

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipsearch_server.collection import Collections
 from clipsearch_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from clipsearch_server.store import NewItem, Store
+from clipsearch_server.stores.local import Collections
 
 DIM = 32
 

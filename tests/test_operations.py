@@ -17,9 +17,9 @@ import pytest
 from clipsearch import Client, ClipSearchError
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
-from clipsearch_server.collection import STORE_FILE, check_name
 from clipsearch_server.errors import InvalidArgument
 from clipsearch_server.store import Store
+from clipsearch_server.stores.local import STORE_FILE, check_name
 from conftest import TINY_MODEL, ServerProcess
 
 DIM = 64

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from clipsearch_server import index as index_module
-from clipsearch_server.collection import Collection, Collections
 from clipsearch_server.index import MANIFEST, HnswIndex
+from clipsearch_server.stores.local import Collection, Collections
 
 pytestmark = pytest.mark.skipif(not HnswIndex.save_in_child,
                                 reason="snapshots are written in-process on this platform")

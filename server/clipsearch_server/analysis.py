@@ -6,7 +6,9 @@ Vectors are unit length float32 rows throughout: a dot product is a cosine simil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -170,3 +172,25 @@ def most_central(vectors: np.ndarray, assignment: np.ndarray, centroids: np.ndar
         top = top[np.lexsort((rows[top], -scores[top]))]
         central.append((rows[top], scores[top]))
     return central
+
+
+BEST_SCORE_POOL = 64  # BEST_SCORE looks at this many of each positive's nearest items (>= k)
+
+
+def best_score_hits(search: Callable[[np.ndarray, int, int], list], positives: np.ndarray,
+                    negatives: np.ndarray, k: int, ef: int, exclude: set[str]
+                    ) -> list[tuple[Any, float]]:
+    """Candidates near each positive (`search(vector, k, ef)` gives hits with .id and
+    .vector), scored by best_scores, best first; ties go to the smaller id."""
+    pool = max(k, BEST_SCORE_POOL) + len(exclude)
+    candidates: dict[str, Any] = {}
+    for positive in positives:
+        for hit in search(positive, pool, max(ef, pool)):
+            if hit.id not in exclude:
+                candidates.setdefault(hit.id, hit)
+    if not candidates:
+        return []
+    hits = list(candidates.values())
+    scores = best_scores(np.stack([h.vector for h in hits]), positives, negatives)
+    order = sorted(range(len(hits)), key=lambda i: (-scores[i], hits[i].id))[:k]
+    return [(hits[i], float(scores[i])) for i in order]

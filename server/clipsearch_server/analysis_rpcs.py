@@ -1,9 +1,9 @@
 """The Recommend, Classify, FindDuplicates and Cluster RPCs, mixed into the servicer.
 
 Validation and mapping live here; the maths is in `analysis`, whole-collection reads in
-`analysis_scans`. Text and image examples go through the same embedder (batcher, text cache)
-as search queries. Blocking work (SQLite, hnswlib, k-means) runs in threads. Every RPC is
-read-only except Cluster with a `metadata_key`.
+each store's `read_vectors` and `find_duplicates`. Text and image examples go through the
+same encoder (batcher, text cache) as search queries. Blocking work (stores, k-means) runs
+in threads. Every RPC is read-only except Cluster with a `metadata_key`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import numpy as np
 from clipsearch.v1 import clipsearch_pb2 as pb
 
 from . import analysis
-from . import analysis_scans as scans
-from .collection import Collection
 from .errors import InvalidArgument, NotFound
+from .stores.base import CollectionStore as Collection
 
 DEFAULT_NEGATIVE_WEIGHT = 0.5
 MAX_NEGATIVE_WEIGHT = 10.0
@@ -93,7 +92,7 @@ class AnalysisRpcs:
         if strategy is None:
             raise InvalidArgument(f"unknown strategy {request.strategy}", "strategy")
         collection = self.collections.get(request.collection)
-        where = svc._where(request)
+        where = svc._where(request, collection)
         deadline = svc._deadline(context)
         positives, pos_ids = await self._examples(collection, request.positives, "positives",
                                                   deadline)
@@ -111,8 +110,10 @@ class AnalysisRpcs:
                 collection.search, query, request.k + len(exclude), ef, where)
             hits = [(h, h.score) for h in found if h.id not in exclude][:request.k]
         else:
-            hits = await asyncio.to_thread(scans.best_score_hits, collection, positives, negatives,
-                                           request.k, ef, where, exclude)
+            hits = await asyncio.to_thread(
+                analysis.best_score_hits,
+                lambda vector, k, ef_: collection.search(vector, k, ef_, where),
+                positives, negatives, request.k, ef, exclude)
         return pb.RecommendResponse(hits=[
             pb.Hit(id=h.id, score=score, metadata=svc._struct(h.metadata),
                    vector=svc._vector(h.vector) if request.include_vectors else None)
@@ -210,7 +211,7 @@ class AnalysisRpcs:
     @property
     def logit_scale(self) -> float:
         """exp of the model's learned temperature, as open_clip's CLIP.forward applies it."""
-        return float(self.model.module.logit_scale.detach().exp().item())
+        return self.model.logit_scale
 
     async def _label_vectors(self, labels: list[str], templates: list[str],
                              deadline: float | None) -> np.ndarray:
@@ -266,16 +267,18 @@ class AnalysisRpcs:
                                   "page_size")
         offset = _decode_offset(request.page_token) if request.page_token else 0
         collection = self.collections.get(request.collection)
-        where = svc._where(request)
+        where = svc._where(request, collection)
         ef = request.ef or self.settings.default_ef
-        key = (collection.name, id(collection), collection.index.seq, threshold, neighbours, ef,
+        version = collection.cache_version()
+        key = (collection.name, id(collection), version, threshold, neighbours, ef,
                request.filter.SerializeToString(deterministic=True))
         cache = self._duplicates_cache()
-        result = cache.get(key)
+        result = cache.get(key) if version is not None else None
         if result is None:
-            result = await asyncio.to_thread(scans.find_duplicates, collection, where, threshold,
+            result = await asyncio.to_thread(collection.find_duplicates, where, threshold,
                                              neighbours, ef)
-            cache.put(key, result)
+            if version is not None:
+                cache.put(key, result)
         page = result.groups[offset:offset + size]
         more = offset + size < len(result.groups)
         return pb.FindDuplicatesResponse(
@@ -308,26 +311,27 @@ class AnalysisRpcs:
             raise InvalidArgument(f"metadata_key {key!r} must be 1 to 64 letters, digits, '_' "
                                   "or '-'", "metadata_key")
         collection = self.collections.get(request.collection)
-        where = svc._where(request)
-        labels, vectors = await asyncio.to_thread(scans.read_vectors, collection, where)
+        where = svc._where(request, collection)
+        labels, vectors = await asyncio.to_thread(collection.read_vectors, where)
         if n > len(labels):
             raise InvalidArgument(
                 f"n_clusters is {n}, more than the {len(labels)} items to cluster", "n_clusters")
         clustering = await asyncio.to_thread(analysis.kmeans, vectors, n, request.seed)
         central = analysis.most_central(vectors, clustering.assignment, clustering.centroids,
                                         top_n)
-        wanted = [int(labels[r]) for rows, _ in central for r in rows]
-        records = await asyncio.to_thread(scans.records_by_label, collection, wanted)
+        wanted = [_key(labels[r]) for rows, _ in central for r in rows]
+        records = await asyncio.to_thread(collection.records_by_key, wanted)
         labelled = 0
         if key:
-            values = dict(zip(labels.tolist(), clustering.assignment.tolist(), strict=True))
+            values = dict(zip([_key(k) for k in labels], clustering.assignment.tolist(),
+                              strict=True))
             labelled = await asyncio.to_thread(collection.set_metadata_key, values, key)
         sizes = np.bincount(clustering.assignment, minlength=n)
         groups = []
         for c, (rows, scores) in enumerate(central):
             hits = [pb.Hit(id=r.id, score=float(score), metadata=svc._struct(r.metadata))
                     for row, score in zip(rows.tolist(), scores.tolist(), strict=True)
-                    if (r := records.get(int(labels[row]))) is not None]
+                    if (r := records.get(_key(labels[row]))) is not None]
             groups.append(pb.ClusterGroup(
                 cluster=c, size=int(sizes[c]), central=hits,
                 centroid=(svc._vector(clustering.centroids[c]) if request.include_centroids
@@ -337,6 +341,11 @@ class AnalysisRpcs:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+def _key(value: Any) -> Any:
+    """A store key as a plain Python value (numpy integers become ints)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 class _LruCache:
     """A small thread-safe LRU map."""
 

@@ -23,16 +23,15 @@ from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 
 from .admission import CallBudgetInterceptor, grpc_concurrency_cap
 from .auth import BearerTokenInterceptor, load_tokens, server_credentials
-from .collection import Collections
 from .config import Settings, parse_settings
 from .datadir import DataDirBusy, DataDirLock, raise_descriptor_limit
-from .device_decode import device_decoder
-from .embedder import Embedder
+from .encoders import open_encoder
 from .errors import ClipSearchError
 from .http_server import HttpApp, HttpServer
-from .model import ModelLoadError, load_model
+from .model import ModelLoadError
 from .observability import Metrics, ObservabilityInterceptor, configure_logging
 from .service import ClipSearchServicer
+from .stores import CollectionRegistry, open_collections
 
 log = logging.getLogger("clipsearch_server")
 
@@ -52,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(settings: Settings) -> int:
     """Run the server until a signal; returns the process exit code."""
+    if settings.store != "local":  # the engine guards its own data; fronts share it
+        return await _serve(settings)
     data_lock = DataDirLock(settings.data_dir)
     try:
         data_lock.acquire()
@@ -133,38 +134,37 @@ async def _serve(settings: Settings) -> int:
     _install_signal_handlers(stop)
 
     try:
-        model = await asyncio.to_thread(load_model, settings)
-        decoder = await asyncio.to_thread(device_decoder, model.transform, model.device,
-                                          settings.max_image_pixels, settings.device_decode)
-    except (ModelLoadError, RuntimeError) as exc:
+        encoder = await asyncio.to_thread(open_encoder, settings, metrics)
+    except (ModelLoadError, RuntimeError, ClipSearchError) as exc:
         log.error("model load failed: %s", exc)
         await server.stop(0)
         if http is not None:
             await http.stop()
         return 2
+    model = encoder.info
     metrics.model_load_seconds.set(model.load_seconds)
     log.info("model %s (%s) loaded on %s, %s, dim %d, in %.1fs; fingerprint %s",
-             model.name, settings.weights_source, model.device, model.precision, model.dim,
-             model.load_seconds, model.fingerprint)
+             model.name, settings.weights_source if settings.encoder == "local" else "encoder",
+             model.device, model.precision, model.dim, model.load_seconds, model.fingerprint)
     log.info("precision %s: %s", model.precision, model.precision_reason)
+    log.info("encoder: %s", encoder.describe())
     if model.random_weights:
         log.warning(RANDOM_WEIGHTS_WARNING)
 
-    collections = Collections(settings.data_dir, model.dim, model.fingerprint,
-                              settings.hnsw_m, settings.hnsw_ef_construction)
-    await asyncio.to_thread(collections.open_all)
+    try:
+        collections = open_collections(settings, model.dim, model.fingerprint)
+        await asyncio.to_thread(collections.open_all)
+    except (ClipSearchError, OSError) as exc:
+        log.error("cannot open the collection store: %s", exc)
+        await server.stop(0)
+        if http is not None:
+            await http.stop()
+        encoder.close()
+        return 2
     metrics.watch_collections(collections.counts)
-    embedder = Embedder(model, settings.max_batch_size, settings.max_image_pixels,
-                        settings.decode_threads, settings.max_queued_batches, metrics,
-                        batch_wait_s=settings.batch_wait_ms / 1000,
-                        text_cache_size=settings.text_cache_size,
-                        jpeg_draft=settings.jpeg_draft, device_decoder=decoder,
-                        max_decoded_bytes=settings.max_decoded_bytes)
-    log.info("JPEG decoding on %s", "the model's device (nvjpeg)" if decoder else "the CPU")
-    embedder.batcher.max_call_s = settings.max_model_call_ms / 1000
-    servicer.ready(model, embedder, collections)
+    servicer.ready(encoder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    log.info("ready: %d collections in %s", len(collections.names()), settings.data_dir)
+    log.info("ready: %d collections in %s", len(collections.names()), collections.describe())
     if collections.unavailable:
         log.error("not serving %d collections that could not be opened: %s",
                   len(collections.unavailable), ", ".join(sorted(collections.unavailable)))
@@ -187,7 +187,7 @@ async def _serve(settings: Settings) -> int:
         await snapshots
     await asyncio.to_thread(collections.snapshot_all)
     collections.close_all()
-    embedder.close()
+    encoder.close()
     log.info("stopped")
     return 0
 
@@ -211,7 +211,8 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def _snapshot_periodically(collections: Collections, settings: Settings) -> None:
+async def _snapshot_periodically(collections: CollectionRegistry, settings: Settings
+                                 ) -> None:
     """Keep snapshots recent so a restart replays little of the store."""
     while True:
         await asyncio.sleep(settings.snapshot_interval_s)

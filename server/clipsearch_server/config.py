@@ -66,6 +66,13 @@ class Settings:
     metrics_port: int = 0
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    encoder: str = "local"
+    ray_address: str = "auto"
+    ray_app: str = "clipsearch-encoder"
+    ray_max_in_flight: int = 64
+    store: str = "local"
+    store_uri: str = ""
+    store_token: str = ""
 
     @property
     def weights_source(self) -> str:
@@ -194,6 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--http-host", str, d.http_host, "address of the HTTP door (Connect/gRPC-Web/JSON API "
         "and the search page); TLS settings apply to it too")
     opt("--http-port", int, d.http_port, "port of the HTTP door; 0 = off")
+    engines = p.add_argument_group("scaling out (README: Scaling out)")
+
+    def engine_opt(flag: str, default: str, help_: str) -> None:
+        name = flag.lstrip("-").replace("-", "_")
+        env = _env(name)
+        engines.add_argument(flag, default=env if env is not None else default,
+                             help=f"{help_} (default: %(default)s; env CLIPSEARCH_{name.upper()})")
+
+    engine_opt("--encoder", d.encoder,
+               "local: the model runs in this process; ray: a Ray Serve deployment of the "
+               "encoder (deploy/ray/serve.yaml), called through Serve handles")
+    engine_opt("--ray-address", d.ray_address, "Ray cluster to join with --encoder ray: auto "
+               "(the local one), ray://host:10001, or host:6379")
+    engine_opt("--ray-app", d.ray_app, "name of the Serve application holding the encoder")
+    engines.add_argument("--ray-max-in-flight", type=int,
+                         default=int(_env("ray_max_in_flight") or d.ray_max_in_flight),
+                         help="encoder calls this front keeps in flight to Ray at once "
+                         "(default: %(default)s; env CLIPSEARCH_RAY_MAX_IN_FLIGHT)")
+    engine_opt("--store", d.store, "local: SQLite + hnswlib under --data-dir; milvus: one "
+               "Milvus collection per clipsearch collection, at --store-uri")
+    engine_opt("--store-uri", d.store_uri, "with --store milvus: a Milvus Lite file "
+               "(data/milvus.db; default <data-dir>/milvus.db) or http://host:19530")
+    engine_opt("--store-token", d.store_token, "with --store milvus: the Milvus token "
+               "(user:password or an API key); prefer the environment variable")
     return p
 
 
@@ -223,6 +254,14 @@ def validate(s: Settings) -> str | None:
         return f"--device-decode must be auto, on or off, not {s.device_decode!r}"
     if s.precision not in ("auto", "fp32", "fp16", "bf16"):
         return f"--precision must be auto, fp32, fp16 or bf16, not {s.precision!r}"
+    if s.encoder not in ("local", "ray"):
+        return f"--encoder must be local or ray, not {s.encoder!r}"
+    if s.store not in ("local", "milvus"):
+        return f"--store must be local or milvus, not {s.store!r}"
+    if s.store_uri and s.store != "milvus":
+        return "--store-uri goes with --store milvus"
+    if s.ray_max_in_flight < 1:
+        return "--ray-max-in-flight must be at least 1"
     if not 0 <= s.port <= 65535:
         return f"--port must be 0..65535, not {s.port}"
     if not 0 <= s.http_port <= 65535:

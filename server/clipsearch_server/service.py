@@ -27,13 +27,13 @@ from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
 from . import __version__
 from .analysis_rpcs import AnalysisRpcs
-from .collection import Collection, CollectionInfo, Collections, check_name
 from .config import Settings
-from .embedder import Embedded, Embedder
+from .embedder import Embedded
+from .encoders import Encoder, ModelInfo
 from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
-from .filters import MATCH_ALL, SqlFilter, compile_filter
-from .model import ClipModel
-from .store import NewItem
+from .stores import CollectionRegistry
+from .stores.base import CollectionInfo, NewItem, check_name
+from .stores.base import CollectionStore as Collection
 from .thumbnails import DEFAULT_THUMBNAIL_SIZE, check_size, make_thumbnails
 
 log = logging.getLogger(__name__)
@@ -79,28 +79,25 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._model: ClipModel | None = None
-        self._embedder: Embedder | None = None
-        self._collections: Collections | None = None
+        self._encoder: Encoder | None = None
+        self._collections: CollectionRegistry | None = None
 
-    def ready(self, model: ClipModel, embedder: Embedder, collections: Collections) -> None:
+    def ready(self, encoder: Encoder, collections: CollectionRegistry) -> None:
         """Start answering: until now every call gets UNAVAILABLE."""
-        self._model, self._embedder, self._collections = model, embedder, collections
+        self._encoder, self._collections = encoder, collections
 
     @property
-    def model(self) -> ClipModel:
-        if self._model is None:
+    def model(self) -> ModelInfo:
+        return self.embedder.info
+
+    @property
+    def embedder(self) -> Encoder:
+        if self._encoder is None:
             raise Unavailable("the server is still loading its model")
-        return self._model
+        return self._encoder
 
     @property
-    def embedder(self) -> Embedder:
-        if self._embedder is None:
-            raise Unavailable("the server is still loading its model")
-        return self._embedder
-
-    @property
-    def collections(self) -> Collections:
+    def collections(self) -> CollectionRegistry:
         if self._collections is None:
             raise Unavailable("the server is still opening its collections")
         return self._collections
@@ -256,7 +253,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
     async def CountItems(self, request: pb.CountItemsRequest, context: Ctx
                          ) -> pb.CountItemsResponse:
         collection = self.collections.get(request.collection)
-        where = _where(request)
+        where = _where(request, collection)
         count = await asyncio.to_thread(collection.count_matching, where)
         return pb.CountItemsResponse(count=count)
 
@@ -269,7 +266,8 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
                 f"page_size must be 0 (default) to {MAX_PAGE_SIZE}, not {size}", "page_size")
         collection = self.collections.get(request.collection)
         after = _decode_page_token(request.page_token) if request.page_token else None
-        records = await asyncio.to_thread(collection.page, _where(request), after, size + 1)
+        records = await asyncio.to_thread(collection.page, _where(request, collection), after,
+                                       size + 1)
         more = len(records) > size
         records = records[:size]
         thumbs = await _thumbnails(collection, [r.id for r in records], request.include_thumbnails)
@@ -289,7 +287,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         if request.ef > s.max_ef:
             raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}", "ef")
         collection = self.collections.get(request.collection)
-        where = _where(request)
+        where = _where(request, collection)
         query = await self._query_vector(request, collection, _deadline(context))
         default_ef = s.default_ef_text if request.WhichOneof("query") == "text" else s.default_ef
         hits = await asyncio.to_thread(
@@ -327,7 +325,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         m = self.model
         return pb.GetServerInfoResponse(
             model=m.name, pretrained=m.pretrained or "",
-            checkpoint=str(m.checkpoint) if m.checkpoint else "",
+            checkpoint=m.checkpoint or "",
             random_weights=m.random_weights, dim=m.dim, device=str(m.device),
             precision=m.precision, model_fingerprint=m.fingerprint, version=__version__,
             max_message_bytes=self.settings.max_message_bytes, max_k=self.settings.max_k,
@@ -379,11 +377,10 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _where(request: pb.SearchRequest | pb.CountItemsRequest | pb.ListItemsRequest) -> SqlFilter:
-    if not request.HasField("filter"):
-        return MATCH_ALL
+def _where(request: Any, collection: Collection) -> Any:
+    """The request's filter (or None) in the collection store's own terms."""
     try:
-        return compile_filter(request.filter)
+        return collection.compile_filter(request.filter if request.HasField("filter") else None)
     except InvalidArgument as exc:
         exc.field = exc.field or "filter"
         raise

@@ -1,5 +1,5 @@
-"""Whole-collection reads for the analysis RPCs: every matching vector, graph neighbours of
-all of them (near-duplicates), and best-score candidates for Recommend.
+"""The local store's whole-collection reads for the analysis RPCs: every matching vector,
+and graph neighbours of all of them (near-duplicates).
 
 The neighbour queries take the collection's read lock a chunk at a time, so a write waiting
 for the lock (and the searches queued behind it) is held up only briefly.
@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import analysis
-from .collection import Collection, SearchHit
-from .errors import NotFound
-from .filters import MATCH_ALL, SqlFilter
-from .store import Record
+from .. import analysis
+from ..errors import NotFound
+from ..filters import MATCH_ALL, SqlFilter
+from ..store import Record
+from .base import Duplicates
 
-BEST_SCORE_POOL = 64  # BEST_SCORE looks at this many of each positive's nearest items (>= k)
+if TYPE_CHECKING:
+    from .local import Collection
+
 NEIGHBOUR_CHUNK = 4096  # rows per batched graph query
-
-
-@dataclass(frozen=True)
-class Duplicates:
-    """One FindDuplicates computation, kept so that the following pages need not redo it."""
-
-    groups: list[analysis.DuplicateGroup]
-    ids: dict[int, str]  # row -> id, for rows in some group
-    compared: int
 
 
 def read_vectors(collection: Collection, where: SqlFilter) -> tuple[np.ndarray, np.ndarray]:
@@ -98,21 +91,3 @@ def _exact_neighbours(labels: np.ndarray, vectors: np.ndarray, k: int
     sims = vectors @ vectors.T
     top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return labels[top], np.take_along_axis(sims, top, axis=1)
-
-
-def best_score_hits(collection: Collection, positives: np.ndarray, negatives: np.ndarray,
-                     k: int, ef: int, where: SqlFilter, exclude: set[str]
-                     ) -> list[tuple[SearchHit, float]]:
-    """Candidates near each positive, scored by analysis.best_scores, best first."""
-    pool = max(k, BEST_SCORE_POOL) + len(exclude)
-    candidates: dict[str, SearchHit] = {}
-    for positive in positives:
-        for hit in collection.search(positive, pool, max(ef, pool), where):
-            if hit.id not in exclude:
-                candidates.setdefault(hit.id, hit)
-    if not candidates:
-        return []
-    hits = list(candidates.values())
-    scores = analysis.best_scores(np.stack([h.vector for h in hits]), positives, negatives)
-    order = sorted(range(len(hits)), key=lambda i: (-scores[i], hits[i].id))[:k]
-    return [(hits[i], float(scores[i])) for i in order]

@@ -18,34 +18,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-    storage_error,
+from ..errors import AlreadyExists, NotFound, Unavailable, storage_error
+from ..filters import MATCH_ALL, SqlFilter, compile_filter
+from ..index import ChildSaveFailed, HnswIndex, SnapshotInvalid, fsync_dir
+from ..store import NewItem, Record, Store
+from ..thumbnails import DEFAULT_THUMBNAIL_SIZE
+from . import local_scans
+from .base import (
+    NAME_PATTERN,
+    CollectionInfo,
+    Duplicates,
+    SearchHit,
+    check_model,
+    check_name,
+    check_vector,
 )
-from .filters import MATCH_ALL, SqlFilter
-from .index import ChildSaveFailed, HnswIndex, SnapshotInvalid, fsync_dir
-from .store import NewItem, Record, Store
-from .thumbnails import DEFAULT_THUMBNAIL_SIZE
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
 STORE_FILE = "store.sqlite3"
 # Rebuild a collection's graph from the store once deletions and replacements since the last
 # build exceed this share of its items (and this minimum): churn degrades an HNSW graph.
@@ -56,26 +56,6 @@ COMPACT_CHURN_MIN = 1000
 # up to 5 % selectivity, the exact path 4-7 us per matching item; they cross near 8,000.
 EXACT_SEARCH_MAX = 8_000
 MAX_BOOSTED_EF = 8192
-
-
-@dataclass(frozen=True)
-class CollectionInfo:
-    name: str
-    count: int
-    dim: int
-    model_fingerprint: str
-    m: int
-    ef_construction: int
-    created_at: float
-    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    id: str
-    score: float
-    metadata: dict
-    vector: np.ndarray
 
 
 @contextlib.contextmanager
@@ -89,14 +69,6 @@ def _writing(what: str) -> Iterator[None]:
             raise
         log.warning("%s failed: %s", what, exc)
         raise mapped from exc
-
-
-def check_name(name: str) -> None:
-    if not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument(
-            f"collection name {name!r} is not valid: use 1 to 64 letters, digits, '_', '-' or "
-            "'.', starting with a letter or digit"
-        )
 
 
 class Collection:
@@ -347,20 +319,27 @@ class Collection:
             return self.store.page(where, after_id, limit)
 
     def check_vector(self, vector: np.ndarray) -> None:
-        if vector.shape != (self.dim,):
-            raise InvalidArgument(
-                f"vector has dimension {vector.shape[-1] if vector.ndim else 0}, collection "
-                f"{self.name!r} holds dimension {self.dim}"
-            )
+        check_vector(self.name, self.dim, vector)
 
     def check_model(self, fingerprint: str) -> None:
-        """Refuse embeddings from a model other than the one the collection was built with."""
-        if fingerprint != self.model_fingerprint:
-            raise FailedPrecondition(
-                f"collection {self.name!r} was built with model {self.model_fingerprint}, the "
-                f"server runs {fingerprint}: its embeddings live in another space. Serve the "
-                "original model, or write to a new collection"
-            )
+        check_model(self.name, self.model_fingerprint, fingerprint)
+
+    # --- whole-collection reads (analysis RPCs) ------------------------------------------
+    def compile_filter(self, tree: object) -> SqlFilter:
+        return compile_filter(tree)
+
+    def read_vectors(self, where: SqlFilter) -> tuple[np.ndarray, np.ndarray]:
+        return local_scans.read_vectors(self, where)
+
+    def records_by_key(self, keys: list[int]) -> dict[int, Record]:
+        return local_scans.records_by_label(self, keys)
+
+    def find_duplicates(self, where: SqlFilter, threshold: float, neighbours: int, ef: int
+                        ) -> Duplicates:
+        return local_scans.find_duplicates(self, where, threshold, neighbours, ef)
+
+    def cache_version(self) -> int:
+        return self.index.seq
 
 
 class Collections:
@@ -476,6 +455,9 @@ class Collections:
         shutil.rmtree(trash, ignore_errors=True)
         log.info("dropped collection %s", name)
         return True
+
+    def describe(self) -> str:
+        return f"SQLite + hnswlib under {self.root}"
 
     def counts(self) -> list[tuple[str, int]]:
         """(name, items) of every collection, for metrics."""

@@ -1,0 +1,25 @@
+"""The encoder seam: texts and images -> unit vectors.
+
+`base.py` is the interface the service calls; `local.py` runs the model in this process
+(the default), `ray_serve.py` calls a Ray Serve deployment (`ray_deployment.py`) through Serve
+handles. `open_encoder` is the one place that chooses between them, from `--encoder`.
+"""
+
+from __future__ import annotations
+
+from ..config import Settings
+from ..observability import Metrics
+from .base import Encoder, ModelInfo
+
+__all__ = ["Encoder", "ModelInfo", "open_encoder"]
+
+
+def open_encoder(settings: Settings, metrics: Metrics | None = None) -> Encoder:
+    """The encoder `settings.encoder` names, ready to embed (blocking: call off the loop)."""
+    if settings.encoder == "ray":
+        from .ray_serve import RayEncoder
+
+        return RayEncoder.connect(settings)
+    from .local import LocalEncoder
+
+    return LocalEncoder.start(settings, metrics)

@@ -1,0 +1,53 @@
+"""What the service needs of an encoder, whichever process runs the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..embedder import Embedded
+
+__all__ = ["Embedded", "Encoder", "ModelInfo"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model behind an encoder: what GetServerInfo reports and what collections check."""
+
+    name: str
+    pretrained: str | None
+    checkpoint: str | None
+    random_weights: bool
+    device: str
+    precision: str
+    precision_reason: str
+    dim: int
+    image_size: int
+    fingerprint: str
+    logit_scale: float  # the model's own zero-shot temperature (exp of its learned log)
+    load_seconds: float = 0.0
+
+
+class Encoder(Protocol):
+    """Embeds texts and encoded images into the model's unit-length space.
+
+    `deadline` is a time.monotonic() instant after which the work may be dropped; `bulk`
+    marks ingest, which yields to interactive queries. Per-item failures (an undecodable
+    image, an empty text) come back in `Embedded.errors`; a failure of the whole call raises
+    a ClipSearchError (RESOURCE_EXHAUSTED when overloaded, UNAVAILABLE when the encoder
+    cannot be reached).
+    """
+
+    info: ModelInfo
+
+    async def embed_texts(self, texts: list[str], deadline: float | None = None,
+                          bulk: bool = False) -> Embedded: ...
+
+    async def embed_images(self, images: list[bytes], deadline: float | None = None,
+                           bulk: bool = False) -> Embedded: ...
+
+    def describe(self) -> str:
+        """One line for the start-up log: where the model runs."""
+        ...
+
+    def close(self) -> None: ...

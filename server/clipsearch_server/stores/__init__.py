@@ -1,0 +1,27 @@
+"""The collection-store seam: where vectors, metadata and thumbnails live.
+
+`base.py` is the interface; `local.py` keeps SQLite + hnswlib under the data dir (the
+default), `milvus.py` keeps each collection in Milvus (Lite file, standalone or distributed).
+`open_collections` is the one place that chooses, from `--store`.
+"""
+
+from __future__ import annotations
+
+from ..config import Settings
+from .base import CollectionRegistry, CollectionStore
+
+__all__ = ["CollectionRegistry", "CollectionStore", "open_collections"]
+
+
+def open_collections(settings: Settings, dim: int, fingerprint: str) -> CollectionRegistry:
+    """The registry `settings.store` names, not yet opened (call `open_all` off the loop)."""
+    if settings.store == "milvus":
+        from .milvus import MilvusCollections
+
+        uri = settings.store_uri or str(settings.data_dir / "milvus.db")
+        return MilvusCollections(uri, settings.store_token, dim, fingerprint,
+                                 settings.hnsw_m, settings.hnsw_ef_construction)
+    from .local import Collections
+
+    return Collections(settings.data_dir, dim, fingerprint, settings.hnsw_m,
+                       settings.hnsw_ef_construction)
