@@ -146,6 +146,54 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
         assert proc.stop() == 0, proc.log()
 
 
+# The engine combinations the API-level suite runs on (README, "Scaling out"): the default
+# in-process encoder with the local store, the local encoder with Milvus Lite, and a Ray Serve
+# encoder (a local Ray started once per session) with Milvus Lite.
+BACKENDS = ["local", "milvus", "ray+milvus"]
+
+
+class Engine:
+    """Which encoder and store a test server uses: the flags that choose them."""
+
+    def __init__(self, name: str, ray_address: str = "", ray_app: str = "") -> None:
+        self.name = name
+        self.args: list[str] = []
+        if "milvus" in name:
+            self.args += ["--store", "milvus"]  # a Milvus Lite file in the data dir
+        if name.startswith("ray"):
+            self.args += ["--encoder", "ray", "--ray-address", ray_address, "--ray-app", ray_app]
+
+    @property
+    def local_store(self) -> bool:
+        return "milvus" not in self.name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(scope="session")
+def ray_encoder(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[str, str]]:
+    """A local Ray cluster with the tiny model deployed: (address, app name)."""
+    pytest.importorskip("ray")
+    from ray_cluster import deploy_encoder, local_ray_cluster
+
+    with local_ray_cluster(tmp_path_factory.mktemp("ray")) as address:
+        app = "clipsearch-test-encoder"
+        deploy_encoder(tiny_checkpoint, 2, app, address)
+        yield address, app
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def engine(request: pytest.FixtureRequest) -> Engine:
+    if request.param.startswith("ray"):
+        address, app = request.getfixturevalue("ray_encoder")
+        return Engine(request.param, address, app)
+    if "milvus" in request.param:
+        pytest.importorskip("pymilvus")
+    return Engine(request.param)
+
+
 @pytest.fixture()
 def client(server: ServerProcess) -> Iterator:
     from clipsearch import Client

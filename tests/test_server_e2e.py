@@ -15,11 +15,21 @@ from PIL import Image
 
 from clipsearch import BatchError, Client, ClipSearchError
 from clipsearch_server.precision import choose_precision
-from conftest import TEST_DEVICE, ServerProcess, coco_images, save_tiny_checkpoint
+from conftest import TEST_DEVICE, Engine, ServerProcess, coco_images, save_tiny_checkpoint
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine, tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
+    """This module's API tests run on every engine combination (conftest.BACKENDS)."""
+    proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("server") / "data",
+                         *engine.args).start()
+    yield proc
+    if proc.proc is not None and proc.proc.poll() is None:
+        assert proc.stop() == 0, proc.log()
 
 
 def test_info_describes_the_loaded_checkpoint(client: Client, tiny_checkpoint) -> None:
@@ -236,8 +246,8 @@ def test_health_and_reflection_work_without_our_stubs(server: ServerProcess) -> 
         assert "Search" in [m.name for m in described.service[0].method]
 
 
-def test_everything_survives_a_restart(tiny_checkpoint, tmp_path) -> None:
-    first = ServerProcess(tiny_checkpoint, tmp_path / "data").start()
+def test_everything_survives_a_restart(engine: Engine, tiny_checkpoint, tmp_path) -> None:
+    first = ServerProcess(tiny_checkpoint, tmp_path / "data", *engine.args).start()
     files = coco_images(40)
     rng = np.random.default_rng(7)
     extra = rng.normal(size=(5, 64)).astype(np.float32)
@@ -250,7 +260,7 @@ def test_everything_survives_a_restart(tiny_checkpoint, tmp_path) -> None:
         before = {h.id: h.score for h in c.search("photos", text="a kitchen", k=10)}
     assert first.stop() == 0, first.log()
 
-    second = ServerProcess(tiny_checkpoint, tmp_path / "data").start()
+    second = ServerProcess(tiny_checkpoint, tmp_path / "data", *engine.args).start()
     try:
         with Client(second.address) as c:
             assert sorted(x.name for x in c.collections()) == ["photos", "vectors"]
@@ -265,13 +275,15 @@ def test_everything_survives_a_restart(tiny_checkpoint, tmp_path) -> None:
             assert c.search("vectors", vector=extra[2], k=1)[0].id == "e2"
     finally:
         assert second.stop() == 0, second.log()
-    assert "loaded snapshot" in second.log()
+    assert "loaded snapshot" in second.log() or not engine.local_store
 
 
-def test_acknowledged_writes_survive_sigkill(tiny_checkpoint, tmp_path) -> None:
-    """No snapshot at all (killed, not stopped): the index is rebuilt from the store."""
+def test_acknowledged_writes_survive_sigkill(engine: Engine, tiny_checkpoint, tmp_path) -> None:
+    """No snapshot at all (killed, not stopped): the local index is rebuilt from the store;
+    Milvus keeps what it acknowledged."""
     data = tmp_path / "data"
-    first = ServerProcess(tiny_checkpoint, data, "--snapshot-interval-s", "3600").start()
+    first = ServerProcess(tiny_checkpoint, data, "--snapshot-interval-s", "3600",
+                          *engine.args).start()
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(50, 64)).astype(np.float32)
     with Client(first.address) as c:
@@ -280,7 +292,7 @@ def test_acknowledged_writes_survive_sigkill(tiny_checkpoint, tmp_path) -> None:
         c.delete("kill", ["k0"])
     first.stop(signal.SIGKILL)
 
-    second = ServerProcess(tiny_checkpoint, data).start()
+    second = ServerProcess(tiny_checkpoint, data, *engine.args).start()
     try:
         with Client(second.address) as c:
             assert c.count("kill") == 49
@@ -290,19 +302,22 @@ def test_acknowledged_writes_survive_sigkill(tiny_checkpoint, tmp_path) -> None:
                 assert (hit.id, hit.metadata) == (f"k{i}", {"i": float(i)})
     finally:
         assert second.stop() == 0, second.log()
-    assert "rebuilding the index from the store" in second.log()
+    assert "rebuilding the index from the store" in second.log() or not engine.local_store
 
 
-def test_a_collection_refuses_embeddings_from_another_model(tiny_checkpoint, tmp_path) -> None:
+@pytest.mark.parametrize("store", ["local", "milvus"])
+def test_a_collection_refuses_embeddings_from_another_model(store, tiny_checkpoint, tmp_path
+                                                            ) -> None:
+    engine = Engine(store)  # the other model is loaded in-process; the store keeps the mark
     other = save_tiny_checkpoint(tmp_path / "other.pt", 99)
     data = tmp_path / "data"
-    first = ServerProcess(tiny_checkpoint, data).start()
+    first = ServerProcess(tiny_checkpoint, data, *engine.args).start()
     with Client(first.address) as c:
         c.upsert("fp", ids=["a", "b"], texts=["a dog", "a cat"])
         stored = c.get("fp", ["a"], include_vectors=True)[0].vector
     assert first.stop() == 0
 
-    second = ServerProcess(other, data).start()
+    second = ServerProcess(other, data, *engine.args).start()
     try:
         with Client(second.address) as c:
             assert c.collection("fp").model_fingerprint != c.info().model_fingerprint
