@@ -90,6 +90,7 @@ class MilvusCollection:
         self.thumbnail_size = int(props.get(PROPS + "thumbnail_size", DEFAULT_THUMBNAIL_SIZE))
         self._multi = set(json.loads(props.get(PROPS + "multi_paths", "[]")))
         self._lock = threading.Lock()
+        self._unflushed = False  # written since the last flush
 
     # --- writes ---------------------------------------------------------------------------
     def upsert(self, items: list[NewItem]) -> int:
@@ -109,7 +110,19 @@ class MilvusCollection:
                 self._add_multi_paths(multi)
             for start in range(0, len(rows), READ_CHUNK):
                 self.client.upsert(self.milvus_name, rows[start:start + READ_CHUNK])
+        self._unflushed = True
         return len(items)
+
+    def flush(self, force: bool = False) -> bool:
+        """Seal what was written so Milvus indexes it: until then a search scans the growing
+        segment row by row (measured: 0.5 s at 10k rows against milliseconds once indexed).
+        Acknowledged writes are durable without it. True when flushed."""
+        if not (force or self._unflushed):
+            return False
+        self._unflushed = False
+        with _engine(f"flush {self.name}"):
+            self.client.flush(self.milvus_name)
+        return True
 
     def _add_multi_paths(self, paths: set[str]) -> None:
         with self._lock:
@@ -128,6 +141,7 @@ class MilvusCollection:
                                                          output_fields=["id"])]
             if existing:
                 self.client.delete(self.milvus_name, ids=existing)
+                self._unflushed = True
         return len(existing)
 
     def set_metadata_key(self, values: dict[str, object], key: str) -> int:
@@ -405,7 +419,16 @@ class MilvusCollections:
         return out
 
     def snapshot_all(self, force: bool = False) -> None:
-        """Nothing to do: Milvus persists and indexes on its own."""
+        """Flush collections written since the last call, so that Milvus indexes new rows
+        (the snapshot timer's job for the local store: keep restarts and searches fast)."""
+        with self._lock:
+            collections = list(self._open.values())
+        for collection in collections:
+            try:
+                if collection.flush(force):
+                    log.debug("collection %s flushed", collection.name)
+            except ClipSearchError:
+                log.exception("flush of collection %s failed", collection.name)
 
     def close_all(self) -> None:
         with self._lock:
