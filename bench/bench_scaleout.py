@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load, machine, ms, progress, section, table
+from common import load, machine, ms, progress, section, start_server, table
 
 from clipsearch_server.store import NewItem
 
@@ -32,11 +32,11 @@ DIM = 512
 def synthetic(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(200, DIM))
-    vectors = centres[rng.integers(0, 200, n)] + 0.6 * rng.normal(size=(n, DIM))
+    vectors = centres[rng.integers(0, 200, n)] + 0.05 * rng.normal(size=(n, DIM))
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def store_table(n: int, queries: int, folder: Path) -> str:
+def store_table(n: int, queries: int, filtered_queries: int, folder: Path) -> str:
     from clipsearch.filters import to_filter
     from clipsearch_server.stores.local import Collections
     from clipsearch_server.stores.milvus import MilvusCollections
@@ -69,7 +69,8 @@ def store_table(n: int, queries: int, folder: Path) -> str:
         for label, where, truth in (("no filter", everything, truth_all),
                                     ("5 % filter", few, truth_f)):
             times, recall = [], []
-            for q, t in zip(qs, truth, strict=True):
+            count = queries if label == "no filter" else filtered_queries
+            for q, t in zip(qs[:count], truth[:count], strict=True):
                 t0 = time.perf_counter()
                 hits = col.search(q, 10, 64, where)
                 times.append(time.perf_counter() - t0)
@@ -85,27 +86,32 @@ def store_table(n: int, queries: int, folder: Path) -> str:
                   "recall@10", "p50 vs local"], rows)
 
 
-def ray_table(calls: int, images: int, folder: Path) -> str:
+def ray_table(calls: int, images: int, folder: Path) -> tuple[str, str]:
+    import ray
+
+    from clipsearch import Client
     from clipsearch_server.config import parse_settings
     from clipsearch_server.encoders.local import LocalEncoder
     from clipsearch_server.encoders.ray_deployment import deploy
     from clipsearch_server.encoders.ray_serve import RayEncoder
 
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = 6400 + (int(time.time()) % 500)
     subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--disable-usage-stats",
-                    "--include-dashboard=false", f"--temp-dir={folder / 'ray'}"],
+                    "--include-dashboard=false", "--port", str(port)],
                    check=True, capture_output=True)
+    address = f"127.0.0.1:{port}"
     model_args = ["--model", "ViT-B-32", "--random-weights", "--device", "cpu",
                   "--text-cache-size", "0"]
+    files = sorted((Path(__file__).resolve().parents[2] / "shared/data/coco128").rglob("*.jpg"))
+    files = files[:images]
     try:
-        rows = []
-        import ray
-
-        ray.init(address="auto", logging_level="ERROR")
-        deploy(model_args, num_replicas=1, name="bench-encoder")
-        settings = parse_settings([*model_args, "--encoder", "ray", "--ray-app", "bench-encoder"])
+        ray.init(address=address, logging_level="ERROR")
+        progress("deploying one replica")
+        deploy(model_args, num_replicas=1, name="bench-1")
         local = LocalEncoder.start(parse_settings(model_args))
-        remote = RayEncoder.connect(settings)
+        remote = RayEncoder.connect(parse_settings(
+            ["--encoder", "ray", "--ray-address", address, "--ray-app", "bench-1"]))
 
         async def measure(encoder) -> list[float]:
             out = []
@@ -115,13 +121,45 @@ def ray_table(calls: int, images: int, folder: Path) -> str:
                 out.append(time.perf_counter() - t0)
             return out
 
+        hop = []
         for label, encoder in (("in-process", local), ("Ray Serve, 1 replica", remote)):
             p50, p99 = ms(asyncio.run(measure(encoder))[5:])
-            rows.append([label, p50, p99])
-        rows.append(["added by the Ray hop", rows[1][1] - rows[0][1], rows[1][2] - rows[0][2]])
+            hop.append([label, p50, p99])
+        hop.append(["added by the Ray hop", hop[1][1] - hop[0][1], hop[1][2] - hop[0][2]])
         local.close()
         remote.close()
-        return table(["short text query, sequential", "p50 ms", "p99 ms"], rows)
+        ray.shutdown()
+
+        ingest = []
+        for replicas in (0, 1, 2):
+            extra = ["--text-cache-size", "0"]
+            if replicas:
+                ray.init(address=address, logging_level="ERROR")
+                progress(f"deploying {replicas} replicas")
+                deploy(model_args, num_replicas=replicas, name=f"bench-{replicas}")
+                ray.shutdown()
+                extra += ["--encoder", "ray", "--ray-address", address,
+                          "--ray-app", f"bench-{replicas}"]
+            proc, addr = start_server("ViT-B-32", folder / f"ingest{replicas}" / "data", extra)
+            try:
+                with Client(addr) as client:
+                    client.upsert("warm", ids=[f.name for f in files[:8]], images=files[:8])
+                    t0 = time.perf_counter()
+                    client.upsert("coco", ids=[f.name for f in files], images=files,
+                                  batch_size=32)
+                    rate = len(files) / (time.perf_counter() - t0)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+            label = f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''}" if replicas \
+                else "in-process"
+            ingest.append([label, rate])
+        base = ingest[0][1]
+        for row in ingest:
+            row.append(row[1] / base)
+        return (table(["short text query, sequential", "p50 ms", "p99 ms"], hop),
+                table([f"ingest of {len(files)} coco128 JPEGs via gRPC", "img/s",
+                       "vs in-process"], ingest))
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
 
@@ -131,21 +169,24 @@ def main() -> None:
     p.add_argument("--tables", default="store,ray")
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--filtered-queries", type=int, default=50,
+                   help="filtered searches per store (Milvus scans the JSON of every row)")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="10k vectors, 100 queries, 50 calls")
     args = p.parse_args()
     if args.quick:
-        args.n, args.queries, args.calls = 10_000, 100, 50
+        args.n, args.queries, args.filtered_queries, args.calls = 10_000, 100, 30, 50
     print(machine())
     print(load())
     with tempfile.TemporaryDirectory() as tmp:
         if "store" in args.tables:
             section(f"Search on {args.n:,} vectors (512-d, k=10, ef 64), one caller",
-                    store_table(args.n, args.queries, Path(tmp)))
+                    store_table(args.n, args.queries, args.filtered_queries, Path(tmp)))
         if "ray" in args.tables:
-            section("The Ray Serve hop (ViT-B-32, random weights, CPU)",
-                    ray_table(args.calls, args.images, Path(tmp)))
+            hop, ingest = ray_table(args.calls, args.images, Path(tmp))
+            section("The Ray Serve hop (ViT-B-32, random weights, CPU)", hop)
+            section("Image ingest through a front, encoder in-process or on Ray", ingest)
     print(load())
 
 

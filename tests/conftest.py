@@ -171,24 +171,30 @@ class Engine:
         return self.name
 
 
-@pytest.fixture(scope="session")
-def ray_encoder(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[tuple[str, str]]:
-    """A local Ray cluster with the tiny model deployed: (address, app name)."""
-    pytest.importorskip("ray")
-    from ray_cluster import deploy_encoder, local_ray_cluster
+RAY_APP = "enc-test"  # two replicas of the tiny model, the default limits
+RAY_TIGHT_APP = "enc-tight"  # one replica with tiny queues, for the overload paths
 
-    with local_ray_cluster(tmp_path_factory.mktemp("ray")) as address:
-        app = "clipsearch-test-encoder"
-        deploy_encoder(tiny_checkpoint, 2, app, address)
-        yield address, app
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One local Ray head per session with the test encoders deployed (Ray starts slowly)."""
+    pytest.importorskip("ray")
+    from ray_cluster import deploy_encoders, encoder_app, local_ray_cluster
+
+    with local_ray_cluster(tmp_path_factory.mktemp("ray")) as cluster:
+        tight_args = ("--no-jpeg-draft", "--max-batch-size", "2", "--max-queued-batches", "1")
+        deploy_encoders(cluster.address, [
+            encoder_app(tiny_checkpoint, 2, RAY_APP),
+            encoder_app(tiny_checkpoint, 1, RAY_TIGHT_APP, tight_args, num_cpus=0,
+                        max_ongoing_requests=1, max_queued_requests=1)])
+        yield cluster
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def engine(request: pytest.FixtureRequest) -> Engine:
     if request.param.startswith("ray"):
-        address, app = request.getfixturevalue("ray_encoder")
-        return Engine(request.param, address, app)
+        cluster = request.getfixturevalue("ray_cluster")
+        return Engine(request.param, cluster.address, RAY_APP)
     if "milvus" in request.param:
         pytest.importorskip("pymilvus")
     return Engine(request.param)

@@ -32,12 +32,16 @@ def server(engine: Engine, tiny_checkpoint, tmp_path_factory: pytest.TempPathFac
         assert proc.stop() == 0, proc.log()
 
 
-def test_info_describes_the_loaded_checkpoint(client: Client, tiny_checkpoint) -> None:
+def test_info_describes_the_loaded_checkpoint(client: Client, engine: Engine,
+                                              tiny_checkpoint) -> None:
     info = client.info()
     assert info.model == "clipsearch-tiny"
     assert info.checkpoint == str(tiny_checkpoint)
     assert info.dim == 64
     assert info.device == TEST_DEVICE
+    if engine.name.startswith("ray"):  # the replicas' model flags decide: fp32 (conftest)
+        assert (info.precision, info.precision_reason) == ("fp32", "--precision fp32 was asked for")
+        return
     # The default, --precision auto, says what it picked for this device and why.
     chosen, reason = choose_precision("auto", torch.device(TEST_DEVICE))
     assert (info.precision, info.precision_reason) == (chosen, reason)

@@ -141,6 +141,8 @@ async def _serve(settings: Settings) -> int:
         if http is not None:
             await http.stop()
         return 2
+    # Joining Ray installs its own SIGTERM handler (a stack dump, then an abort): ours again.
+    _install_signal_handlers(stop)
     model = encoder.info
     metrics.model_load_seconds.set(model.load_seconds)
     log.info("model %s (%s) loaded on %s, %s, dim %d, in %.1fs; fingerprint %s",

@@ -78,8 +78,12 @@ def _engine(what: str) -> Iterator[None]:
 class MilvusCollection:
     """One clipsearch collection as a Milvus collection."""
 
-    def __init__(self, client: object, name: str, props: dict[str, str]) -> None:
+    def __init__(self, client: object, name: str, props: dict[str, str],
+                 flush_each_write: bool = False) -> None:
         self.client = client
+        # Milvus Lite: its write-ahead log lost acknowledged rows when the front was killed
+        # (tests/test_durability.py), so a write is acknowledged only once flushed.
+        self.flush_each_write = flush_each_write
         self.name = name
         self.milvus_name = milvus_name(name)
         self.dim = int(props[PROPS + "dim"])
@@ -110,8 +114,13 @@ class MilvusCollection:
                 self._add_multi_paths(multi)
             for start in range(0, len(rows), READ_CHUNK):
                 self.client.upsert(self.milvus_name, rows[start:start + READ_CHUNK])
-        self._unflushed = True
+        self._written()
         return len(items)
+
+    def _written(self) -> None:
+        self._unflushed = True
+        if self.flush_each_write:
+            self.flush()
 
     def flush(self, force: bool = False) -> bool:
         """Seal what was written so Milvus indexes it: until then a search scans the growing
@@ -141,7 +150,7 @@ class MilvusCollection:
                                                          output_fields=["id"])]
             if existing:
                 self.client.delete(self.milvus_name, ids=existing)
-                self._unflushed = True
+                self._written()
         return len(existing)
 
     def set_metadata_key(self, values: dict[str, object], key: str) -> int:
@@ -157,6 +166,7 @@ class MilvusCollection:
                     row["vector"] = [float(v) for v in row["vector"]]
                 if rows:
                     self.client.upsert(self.milvus_name, rows)
+                    self._written()
             changed += len(rows)
         return changed
 
@@ -299,6 +309,7 @@ class MilvusCollections:
         self._open: dict[str, MilvusCollection] = {}
         self._lock = threading.Lock()
         self.client: object | None = None
+        self.embedded = "://" not in uri  # a Milvus Lite file, not a server
 
     def open_all(self) -> None:
         from pymilvus import MilvusClient
@@ -334,7 +345,7 @@ class MilvusCollections:
                 raise NotFound(f"collection {name!r} does not exist")
             started = time.perf_counter()
             self.client.load_collection(mname)
-        collection = MilvusCollection(self.client, name, props)
+        collection = MilvusCollection(self.client, name, props, self.embedded)
         with self._lock:
             collection = self._open.setdefault(name, collection)
         log.info("collection %s: opened in Milvus (%s) in %.2fs", name, mname,
@@ -387,12 +398,15 @@ class MilvusCollections:
                      PROPS + "thumbnail_size": str(thumbnail_size),
                      PROPS + "multi_paths": "[]"}
             try:
-                self.client.create_collection(mname, schema=schema, index_params=index,
+                self.client.create_collection(mname, schema=schema,
                                               consistency_level="Strong", properties=props)
             except Exception:
                 if exist_ok and self.client.has_collection(mname):  # another front won
                     return self.get(name)
                 raise
+            # sync=False: pymilvus's wait for the index calls AllocTimestamp, which Milvus
+            # Lite does not implement (it logs a traceback); loading waits for it anyway.
+            self.client.create_index(mname, index, sync=False)
         log.info("created collection %s in Milvus as %s (dim %d, model %s)", name, mname,
                  self.dim, self.fingerprint)
         return self.get(name)
