@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     def engine_opt(flag: str, default: str, help_: str) -> None:
         name = flag.lstrip("-").replace("-", "_")
         env = _env(name)
+        shown = "default: %(default)s; " if default else ""
         engines.add_argument(flag, default=env if env is not None else default,
-                             help=f"{help_} (default: %(default)s; env CLIPSEARCH_{name.upper()})")
+                             help=f"{help_} ({shown}env CLIPSEARCH_{name.upper()})")
 
     engine_opt("--encoder", d.encoder,
                "local: the model runs in this process; ray: a Ray Serve deployment of the "
@@ -221,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s; env CLIPSEARCH_RAY_MAX_IN_FLIGHT)")
     engine_opt("--store", d.store, "local: SQLite + hnswlib under --data-dir; milvus: one "
                "Milvus collection per clipsearch collection, at --store-uri")
-    engine_opt("--store-uri", d.store_uri, "with --store milvus: a Milvus Lite file "
-               "(data/milvus.db; default <data-dir>/milvus.db) or http://host:19530")
+    engine_opt("--store-uri", d.store_uri, "with --store milvus: a Milvus Lite file (by "
+               "default <data-dir>/milvus.db) or a Milvus server, http://host:19530")
     engine_opt("--store-token", d.store_token, "with --store milvus: the Milvus token "
                "(user:password or an API key); prefer the environment variable")
     return p
