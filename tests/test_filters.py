@@ -3,11 +3,11 @@ matches is tested over every store in test_stores.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_stores import ITEMS
 
 from clipsearch import to_filter
 from clipsearch.v1 import clipsearch_pb2 as pb
@@ -15,16 +15,6 @@ from clipsearch_server.errors import InvalidArgument
 from clipsearch_server.filters import compile_filter
 from clipsearch_server.store import NewItem, Store
 from clipsearch_server.stores.local import Collections
-
-UTC = dt.timezone.utc
-ITEMS = {
-    "a": {"album": "2024", "year": 2024, "tags": ["beach", "sea"], "fav": True,
-          "taken": "2024-07-01T10:00:00Z", "exif": {"camera": "X100"}},
-    "b": {"album": "2023", "year": 2023, "tags": ["city"], "fav": False,
-          "taken": "2023-02-01T08:00:00+01:00", "note": None},
-    "c": {"album": "2024", "year": 2022.5, "tags": "sea", "taken": 1_600_000_000},
-    "d": {"album": "old", "exif": {"camera": "EOS"}, "weird key": 1},
-}
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ as parameters, never pasted into SQL; keys become quoted JSON paths.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -46,33 +47,41 @@ def compile_filter(tree: pb.Filter | None) -> SqlFilter:
     if tree is None or tree.WhichOneof("kind") is None:
         return MATCH_ALL
     params: list = []
+    return SqlFilter(walk_filter(tree, lambda f: _field(f, params), ("AND", "OR", "NOT")),
+                     tuple(params))
+
+
+def walk_filter(tree: pb.Filter, field: Callable[[pb.FieldFilter], str],
+                words: tuple[str, str, str]) -> str:
+    """The tree as one boolean expression: `field` writes each field test, `words` are the
+    target language's and/or/not. Checks the limits every store shares (depth, nodes, values)."""
     budget = [MAX_NODES, MAX_VALUES]  # nodes left, values left
-    where = _node(tree, params, depth=0, budget=budget)
-    return SqlFilter(where, tuple(params))
+    and_, or_, not_ = words
 
+    def node(f: pb.Filter, depth: int) -> str:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise InvalidArgument(f"filter has more than {MAX_NODES} nodes")
+        if depth > MAX_DEPTH:
+            raise InvalidArgument(f"filter is nested deeper than {MAX_DEPTH} levels")
+        kind = f.WhichOneof("kind")
+        if kind == "field":
+            budget[1] -= len(f.field.one_of.values) if f.field.HasField("one_of") else 1
+            if budget[1] < 0:
+                raise InvalidArgument(f"filter has more than {MAX_VALUES} values in all")
+            return field(f.field)
+        if kind in ("all_of", "any_of", "none_of"):
+            children = getattr(f, kind).filters
+            if not children:
+                raise InvalidArgument(f"filter {kind} needs at least one filter")
+            parts = [node(child, depth + 1) for child in children]
+            if kind == "all_of":
+                return "(" + f" {and_} ".join(parts) + ")"
+            joined = "(" + f" {or_} ".join(parts) + ")"
+            return joined if kind == "any_of" else f"({not_} {joined})"
+        raise InvalidArgument("filter node has no kind: set field, all_of, any_of or none_of")
 
-def _node(f: pb.Filter, params: list, depth: int, budget: list[int]) -> str:
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise InvalidArgument(f"filter has more than {MAX_NODES} nodes")
-    if depth > MAX_DEPTH:
-        raise InvalidArgument(f"filter is nested deeper than {MAX_DEPTH} levels")
-    kind = f.WhichOneof("kind")
-    if kind == "field":
-        budget[1] -= len(f.field.one_of.values) if f.field.HasField("one_of") else 1
-        if budget[1] < 0:
-            raise InvalidArgument(f"filter has more than {MAX_VALUES} values in all")
-        return _field(f.field, params)
-    if kind in ("all_of", "any_of", "none_of"):
-        children = getattr(f, kind).filters
-        if not children:
-            raise InvalidArgument(f"filter {kind} needs at least one filter")
-        parts = [_node(child, params, depth + 1, budget) for child in children]
-        if kind == "all_of":
-            return "(" + " AND ".join(parts) + ")"
-        joined = "(" + " OR ".join(parts) + ")"
-        return joined if kind == "any_of" else f"(NOT {joined})"
-    raise InvalidArgument("filter node has no kind: set field, all_of, any_of or none_of")
+    return node(tree, 0)
 
 
 def _field(f: pb.FieldFilter, params: list) -> str:

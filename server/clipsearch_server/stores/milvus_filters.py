@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from clipsearch.v1 import clipsearch_pb2 as pb
 
 from ..errors import InvalidArgument
-from ..filters import MAX_DEPTH, MAX_NODES, MAX_VALUES, _json_path
+from ..filters import MAX_VALUES, _json_path, walk_filter
 
 MATCH_ALL_EXPR = ""
 
@@ -95,32 +95,7 @@ def compile_milvus_filter(tree: pb.Filter | None, multi: set[str]) -> MilvusFilt
     """Check a filter tree and translate it; `multi` are the collection's multi-value paths."""
     if tree is None or tree.WhichOneof("kind") is None:
         return MATCH_ALL
-    budget = [MAX_NODES, MAX_VALUES]
-    return MilvusFilter(_node(tree, multi, 0, budget))
-
-
-def _node(f: pb.Filter, multi: set[str], depth: int, budget: list[int]) -> str:
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise InvalidArgument(f"filter has more than {MAX_NODES} nodes")
-    if depth > MAX_DEPTH:
-        raise InvalidArgument(f"filter is nested deeper than {MAX_DEPTH} levels")
-    kind = f.WhichOneof("kind")
-    if kind == "field":
-        budget[1] -= len(f.field.one_of.values) if f.field.HasField("one_of") else 1
-        if budget[1] < 0:
-            raise InvalidArgument(f"filter has more than {MAX_VALUES} values in all")
-        return _field(f.field, multi)
-    if kind in ("all_of", "any_of", "none_of"):
-        children = getattr(f, kind).filters
-        if not children:
-            raise InvalidArgument(f"filter {kind} needs at least one filter")
-        parts = [_node(child, multi, depth + 1, budget) for child in children]
-        if kind == "all_of":
-            return "(" + " and ".join(parts) + ")"
-        joined = "(" + " or ".join(parts) + ")"
-        return joined if kind == "any_of" else f"(not {joined})"
-    raise InvalidArgument("filter node has no kind: set field, all_of, any_of or none_of")
+    return MilvusFilter(walk_filter(tree, lambda f: _field(f, multi), ("and", "or", "not")))
 
 
 def _field(f: pb.FieldFilter, multi: set[str]) -> str:
