@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,7 +82,18 @@ def store_table(n: int, queries: int, filtered_queries: int, folder: Path) -> st
                   "recall@10", "p50 vs local"], rows)
 
 
-def ray_table(calls: int, images: int, folder: Path) -> tuple[str, str]:
+def ray_table(calls: int, images: int, folder: Path, model: str) -> tuple[str, str]:
+    # The tests' helper: a head of our own on free ports, stopped by its temp dir alone
+    # (`ray stop --force` would stop every Ray cluster on the machine).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from ray_cluster import local_ray_cluster
+
+    with local_ray_cluster(folder / "ray") as cluster:
+        return _ray_tables(cluster.address, calls, images, folder, model)
+
+
+def _ray_tables(address: str, calls: int, images: int, folder: Path, model: str
+                ) -> tuple[str, str]:
     import ray
 
     from clipsearch import Client
@@ -92,73 +102,67 @@ def ray_table(calls: int, images: int, folder: Path) -> tuple[str, str]:
     from clipsearch_server.encoders.ray_deployment import deploy
     from clipsearch_server.encoders.ray_serve import RayEncoder
 
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = 6400 + (int(time.time()) % 500)
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--disable-usage-stats",
-                    "--include-dashboard=false", "--port", str(port)],
-                   check=True, capture_output=True)
-    address = f"127.0.0.1:{port}"
-    model_args = ["--model", "ViT-B-32", "--random-weights", "--device", "cpu",
+    model_args = ["--model", model, "--random-weights", "--device", "cpu",
                   "--text-cache-size", "0"]
     files = sorted((Path(__file__).resolve().parents[2] / "shared/data/coco128").rglob("*.jpg"))
     files = files[:images]
-    try:
-        ray.init(address=address, logging_level="ERROR")
-        progress("deploying one replica")
-        deploy(model_args, num_replicas=1, name="bench-1")
-        local = LocalEncoder.start(parse_settings(model_args))
-        remote = RayEncoder.connect(parse_settings(
-            ["--encoder", "ray", "--ray-address", address, "--ray-app", "bench-1"]))
+    ray.init(address=address, logging_level="ERROR")
+    progress("deploying one replica")
+    deploy(model_args, num_replicas=1, name="bench-1")
+    local = LocalEncoder.start(parse_settings(model_args))
+    remote = RayEncoder.connect(parse_settings(
+        ["--encoder", "ray", "--ray-address", address, "--ray-app", "bench-1"]))
 
-        async def measure(encoder) -> list[float]:
-            out = []
-            for i in range(calls):
+    async def measure(encoder) -> list[float]:
+        out = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            await encoder.embed_texts([f"a photo of a dog number {i}"])
+            out.append(time.perf_counter() - t0)
+        return out
+
+    hop = []
+    for label, encoder in (("in-process", local), ("Ray Serve, 1 replica", remote)):
+        p50, p99 = ms(asyncio.run(measure(encoder))[5:])
+        hop.append([label, p50, p99])
+    hop.append(["added by the Ray hop", hop[1][1] - hop[0][1], hop[1][2] - hop[0][2]])
+    local.close()
+    remote.close()
+    ray.shutdown()
+
+    ingest = []
+    for replicas in (0, 1, 2) if images else ():
+        extra = ["--text-cache-size", "0"]
+        if replicas:
+            ray.init(address=address, logging_level="ERROR")
+            from ray import serve
+
+            for name in serve.status().applications:  # free the cores for this one
+                serve.delete(name)
+            progress(f"deploying {replicas} replicas")
+            deploy(model_args, num_replicas=replicas, name=f"bench-{replicas}")
+            ray.shutdown()
+            extra += ["--encoder", "ray", "--ray-address", address,
+                      "--ray-app", f"bench-{replicas}"]
+        proc, addr = start_server(model, folder / f"ingest{replicas}" / "data", extra)
+        try:
+            with Client(addr) as client:
+                client.upsert("warm", ids=[f.name for f in files[:8]], images=files[:8])
                 t0 = time.perf_counter()
-                await encoder.embed_texts([f"a photo of a dog number {i}"])
-                out.append(time.perf_counter() - t0)
-            return out
-
-        hop = []
-        for label, encoder in (("in-process", local), ("Ray Serve, 1 replica", remote)):
-            p50, p99 = ms(asyncio.run(measure(encoder))[5:])
-            hop.append([label, p50, p99])
-        hop.append(["added by the Ray hop", hop[1][1] - hop[0][1], hop[1][2] - hop[0][2]])
-        local.close()
-        remote.close()
-        ray.shutdown()
-
-        ingest = []
-        for replicas in (0, 1, 2):
-            extra = ["--text-cache-size", "0"]
-            if replicas:
-                ray.init(address=address, logging_level="ERROR")
-                progress(f"deploying {replicas} replicas")
-                deploy(model_args, num_replicas=replicas, name=f"bench-{replicas}")
-                ray.shutdown()
-                extra += ["--encoder", "ray", "--ray-address", address,
-                          "--ray-app", f"bench-{replicas}"]
-            proc, addr = start_server("ViT-B-32", folder / f"ingest{replicas}" / "data", extra)
-            try:
-                with Client(addr) as client:
-                    client.upsert("warm", ids=[f.name for f in files[:8]], images=files[:8])
-                    t0 = time.perf_counter()
-                    client.upsert("coco", ids=[f.name for f in files], images=files,
-                                  batch_size=32)
-                    rate = len(files) / (time.perf_counter() - t0)
-            finally:
-                proc.terminate()
-                proc.wait(60)
-            label = f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''}" if replicas \
-                else "in-process"
-            ingest.append([label, rate])
-        base = ingest[0][1]
-        for row in ingest:
-            row.append(row[1] / base)
-        return (table(["short text query, sequential", "p50 ms", "p99 ms"], hop),
-                table([f"ingest of {len(files)} coco128 JPEGs via gRPC", "img/s",
-                       "vs in-process"], ingest))
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+                client.upsert("coco", ids=[f.name for f in files], images=files)
+                rate = len(files) / (time.perf_counter() - t0)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        label = f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''}" if replicas \
+            else "in-process"
+        ingest.append([label, rate])
+    base = ingest[0][1] if ingest else 1.0
+    for row in ingest:
+        row.append(row[1] / base)
+    return (table(["short text query, sequential", "p50 ms", "p99 ms"], hop),
+            table([f"ingest of {len(files)} coco128 JPEGs via gRPC", "img/s",
+                   "vs in-process"], ingest) if ingest else "")
 
 
 def main() -> None:
@@ -169,7 +173,9 @@ def main() -> None:
     p.add_argument("--filtered-queries", type=int, default=50,
                    help="filtered searches per store (Milvus scans the JSON of every row)")
     p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--images", type=int, default=128)
+    p.add_argument("--images", type=int, default=128, help="0: no ingest table")
+    p.add_argument("--model", default="ViT-B-32",
+                   help="for the ray tables; clipsearch-tiny isolates the hop's own cost")
     p.add_argument("--quick", action="store_true", help="10k vectors, 100 queries, 50 calls")
     args = p.parse_args()
     if args.quick:
@@ -181,9 +187,10 @@ def main() -> None:
             section(f"Search on {args.n:,} vectors (512-d, k=10, ef 64), one caller",
                     store_table(args.n, args.queries, args.filtered_queries, Path(tmp)))
         if "ray" in args.tables:
-            hop, ingest = ray_table(args.calls, args.images, Path(tmp))
-            section("The Ray Serve hop (ViT-B-32, random weights, CPU)", hop)
-            section("Image ingest through a front, encoder in-process or on Ray", ingest)
+            hop, ingest = ray_table(args.calls, args.images, Path(tmp), args.model)
+            section(f"The Ray Serve hop ({args.model}, random weights, CPU)", hop)
+            if args.images:
+                section("Image ingest through a front, encoder in-process or on Ray", ingest)
     print(load())
 
 
