@@ -30,7 +30,7 @@ from .local import model_info, start_embedder
 
 __all__ = ["DEFAULT_APP", "ClipEncoderDeployment", "app", "deploy", "parse_model_args"]
 
-DEFAULT_APP = "clipsearch-encoder"
+DEFAULT_APP = Settings.ray_app  # the fronts' --ray-app default
 # Concurrent calls one replica accepts: well above --max-batch-size (64), so that calls from
 # many fronts meet in the replica's batcher (Serve's default of 5 would cap every batch at 5).
 DEFAULT_MAX_ONGOING_REQUESTS = 256

@@ -9,9 +9,10 @@ letters, digits and '_', so '_', '-' and '.' are spelt `_u`, `_h`, `_d`), with f
 and the collection's settings (dimension, model fingerprint, HNSW M and efConstruction,
 creation time, thumbnail size, multi-value paths) as collection properties, so every front
 reads the same ones. Reads use Strong consistency: a front sees every write acknowledged
-before the read began (its own and other fronts'). A write is acknowledged when Milvus has
-accepted it into its write-ahead log (the message stream in standalone and distributed Milvus,
-the local log in Lite): it survives the front being killed; see README "Scaling out".
+before the read began (its own and other fronts'). A Milvus server acknowledges a write once
+it is in its write-ahead log (the message stream); on a Milvus Lite file every write is also
+flushed before it is acknowledged, because Lite's own log lost rows when the front was killed.
+See README "Scaling out".
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class MilvusCollection:
     def flush(self, force: bool = False) -> bool:
         """Seal what was written so Milvus indexes it: until then a search scans the growing
         segment row by row (measured: 0.5 s at 10k rows against milliseconds once indexed).
-        Acknowledged writes are durable without it. True when flushed."""
+        A Milvus server's writes are durable without it; a Lite file's are not (see
+        `flush_each_write`). True when flushed."""
         if not (force or self._unflushed):
             return False
         self._unflushed = False
@@ -359,7 +361,7 @@ class MilvusCollections:
     def find(self, name: str) -> MilvusCollection | None:
         try:
             return self.get(name)
-        except (NotFound, ClipSearchError):
+        except NotFound:
             return None
 
     def get(self, name: str) -> MilvusCollection:

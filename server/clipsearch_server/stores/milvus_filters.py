@@ -30,8 +30,6 @@ from clipsearch.v1 import clipsearch_pb2 as pb
 from ..errors import InvalidArgument
 from ..filters import MAX_VALUES, _json_path, walk_filter
 
-MATCH_ALL_EXPR = ""
-
 
 @dataclass(frozen=True)
 class MilvusFilter:
@@ -40,7 +38,7 @@ class MilvusFilter:
     expr: str
 
 
-MATCH_ALL = MilvusFilter(MATCH_ALL_EXPR)
+MATCH_ALL = MilvusFilter("")
 
 
 def shadow_of(metadata: dict) -> dict:
