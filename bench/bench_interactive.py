@@ -3,7 +3,9 @@
 Four clients upload the coco128 photos, 8 per call, without pause; one client sends text
 searches in a closed loop (distinct short captions, the server's text cache off, so every
 query runs the text tower). Each server setting is measured twice for the same time: upload
-alone, then upload with the queries. Settings compared in the same run:
+alone, then upload with the queries, and the pair is repeated `--rounds` times (alternating, so
+that drift over the run, such as the growing collection, falls on both sides alike). Settings
+compared in the same run:
 
 * `--max-model-call-ms 100` (the default): a bulk batch runs as model calls of about 100 ms,
   with the interactive lane served between them;
@@ -12,8 +14,8 @@ alone, then upload with the queries. Settings compared in the same run:
 Targets (issue 11, this 2-core CPU): text-search p99 <= 250 ms under upload, and upload
 throughput with queries within 15 % of upload alone.
 
-Run: .venv/bin/python bench/bench_interactive.py                (30 s per phase, ~4 minutes)
-     .venv/bin/python bench/bench_interactive.py --seconds 8    (a smoke run)
+Run: .venv/bin/python bench/bench_interactive.py                (2 rounds of 20 s phases, ~6 min)
+     .venv/bin/python bench/bench_interactive.py --seconds 8 --rounds 1   (a smoke run)
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ PER_CALL = 8
 
 
 def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
-          with_queries: bool, tag: str) -> dict[str, float]:
-    """Upload (and query) for `seconds`; images/s and the queries' latencies."""
+          with_queries: bool, tag: str) -> tuple[int, float, list[float]]:
+    """Upload (and query) for `seconds`: images uploaded, seconds taken, query latencies."""
     stop = threading.Event()
     uploaded = [0] * UPLOADERS
     latencies: list[float] = []
@@ -83,15 +85,34 @@ def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
         t.join()
     if errors:
         raise errors[0]
+    return sum(uploaded), elapsed, latencies
+
+
+def measure(address: str, photos: list[bytes], texts: list[str], seconds: float, rounds: int,
+            label: str) -> tuple[float, dict[str, float]]:
+    """Alternate upload-alone and upload-with-queries phases; (alone img/s, mixed stats)."""
+    done = {False: [0, 0.0], True: [0, 0.0]}
+    latencies: list[float] = []
+    for r in range(rounds):
+        for with_queries in (False, True):
+            what = "upload + text searches" if with_queries else "upload alone"
+            progress(f"{label}: round {r + 1}, {what}")
+            n, took, lat = phase(address, photos, texts, seconds, with_queries,
+                                 f"{r}{'b' if with_queries else 'a'}")
+            done[with_queries][0] += n
+            done[with_queries][1] += took
+            latencies += lat
     p50, p99 = ms(latencies) if latencies else (float("nan"), float("nan"))
-    return {"img_s": sum(uploaded) / elapsed, "queries": len(latencies), "p50": p50,
-            "p99": p99, "max": max(latencies) * 1e3 if latencies else float("nan")}
+    return done[False][0] / done[False][1], {
+        "img_s": done[True][0] / done[True][1], "queries": len(latencies), "p50": p50,
+        "p99": p99, "max": max(latencies) * 1e3 if latencies else float("nan")}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="alone/mixed pairs per setting")
     parser.add_argument("--call-ms", type=float, nargs="+", default=[100.0, 0.0],
                         help="--max-model-call-ms values to compare")
     parser.add_argument("--precision", default="auto")
@@ -113,18 +134,15 @@ def main(argv: list[str] | None = None) -> int:
                     c.upsert("upload", ids=[f"w{i}" for i in range(16)], images=photos[:16])
                     for text in texts[-20:]:
                         c.search("upload", text=text, k=10)
-                progress(f"--max-model-call-ms {call_ms}: upload alone")
-                alone = phase(address, photos, texts, args.seconds, False, "a")
-                progress(f"--max-model-call-ms {call_ms}: upload + text searches")
-                mixed = phase(address, photos, texts, args.seconds, True, "b")
+                alone, mixed = measure(address, photos, texts, args.seconds, args.rounds,
+                                       f"--max-model-call-ms {call_ms:g}")
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(120)
-        rows.append([f"{call_ms:g}", alone["img_s"], mixed["img_s"],
-                     f"{mixed['img_s'] / alone['img_s']:.2f}", mixed["queries"],
-                     mixed["p50"], mixed["p99"], mixed["max"]])
+        rows.append([f"{call_ms:g}", alone, mixed["img_s"], f"{mixed['img_s'] / alone:.2f}",
+                     mixed["queries"], mixed["p50"], mixed["p99"], mixed["max"]])
     section(f"{UPLOADERS} clients uploading coco128 ({PER_CALL} photos a call), "
-            f"1 client searching by text, {args.seconds:g} s per phase", table(
+            f"1 client searching by text, {args.rounds} x {args.seconds:g} s per phase", table(
                 ["max-model-call-ms", "upload alone img/s", "upload + queries img/s",
                  "ratio", "text searches", "p50 ms", "p99 ms", "max ms"], rows))
     print(f"\n{load()} at end")

@@ -17,6 +17,7 @@ Run: .venv/bin/python bench/bench_snapshot.py                  (200k items, ~6 m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
 from clipsearch_server.index import HnswIndex  # noqa: E402
+from clipsearch_server.launch import with_huge_pages  # noqa: E402
 from clipsearch_server.store import NewItem  # noqa: E402
 from clipsearch_server.stores.local import Collection  # noqa: E402
 
@@ -172,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="graph build quality; the save's cost depends only on the size")
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args(argv)
+    with_huge_pages()  # as the server runs (launch.py): may re-execute this command once
 
     print(f"Machine: {machine()}")
     print(f"Collection: {args.items:,} x {DIM}, M 16, ef_construction {args.ef_construction}; "
-          f"{load()} at start")
+          f"{load()} at start; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     with tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp:
         folder = Path(tmp) / "snap"
         collection = build(folder, args.items, args.ef_construction)

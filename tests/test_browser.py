@@ -16,7 +16,10 @@ import pytest
 from conftest import REPO, ServerProcess, coco_images
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -51,8 +54,10 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 
 def wait(driver: webdriver.Chrome, condition, what: str, timeout: float = 60) -> object:
+    """Poll `condition`; an element the page replaced mid-check just means "check again"."""
     try:
-        return WebDriverWait(driver, timeout).until(condition)
+        return WebDriverWait(driver, timeout, ignored_exceptions=(
+            StaleElementReferenceException,)).until(condition)
     except TimeoutException:
         driver.save_screenshot(str(ARTIFACTS / "failure.png"))
         status = driver.find_element(By.ID, "status").text
@@ -64,7 +69,9 @@ def shot(driver: webdriver.Chrome, name: str) -> None:
 
 
 def result_ids(driver: webdriver.Chrome) -> list[str]:
-    return [c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, ".card")]
+    """The result cards' ids, read in one script so a re-render cannot go stale between them."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('.card')].map(c => c.dataset.id)")
 
 
 def thumbnails_loaded(driver: webdriver.Chrome) -> int:

@@ -698,10 +698,13 @@ def test_cli_serve_passes_every_argument(monkeypatch) -> None:
     received: list[list[str]] = []
     app = types.ModuleType("clipsearch_server.app")
     app.main = lambda args: received.append(args) or 0  # type: ignore[attr-defined]
+    launch = types.ModuleType("clipsearch_server.launch")
+    launch.with_huge_pages = lambda tail: None  # type: ignore[attr-defined]
     package = types.ModuleType("clipsearch_server")
-    package.app = app  # type: ignore[attr-defined]
+    package.app, package.launch = app, launch  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "clipsearch_server", package)
     monkeypatch.setitem(sys.modules, "clipsearch_server.app", app)
+    monkeypatch.setitem(sys.modules, "clipsearch_server.launch", launch)
     assert cli.main(["serve", "--help"]) == 0
     assert cli.main(["--server", "h:1", "serve", "--port", "5", "-v"]) == 0
     assert received == [["--help"], ["--port", "5", "-v"]]

@@ -80,11 +80,13 @@ def test_a_failed_save_raises_and_leaves_the_last_good_snapshot(tmp_path, monkey
     assert json.loads((col.folder / MANIFEST).read_text()) == good
     blocker.rmdir()
 
-    def dying_child(graph: object, path: Path) -> int:
+    def dying_child(graph: object, path: Path) -> tuple[int, int]:
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             os._exit(3)
-        return pid
+        os.close(write_end)
+        return pid, read_end
 
     monkeypatch.setattr(index_module, "_save_in_child", dying_child)
     with col.index.lock.write():

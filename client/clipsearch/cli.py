@@ -126,11 +126,14 @@ def _relative(path: Path, root: Path) -> str:
 
 def _serve(args: list[str]) -> int:
     try:
-        from clipsearch_server import app
+        from clipsearch_server import launch
     except ImportError as exc:
         print("the server is not installed: pip install 'clipsearch[server]'", file=sys.stderr)
         print(f"  ({exc})", file=sys.stderr)
         return 2
+    launch.with_huge_pages(["serve", *args])  # may re-execute this command once (see launch.py)
+    from clipsearch_server import app
+
     result = app.main(args)
     return int(result) if result is not None else 0
 

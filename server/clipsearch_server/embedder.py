@@ -24,6 +24,7 @@ from .errors import ClipSearchError, InvalidArgument
 from .model import ClipModel
 from .observability import Metrics
 from .preprocess import DRAFT_OVERSAMPLE, ImagePreprocessor
+from .priority import background_pool
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 INTERACTIVE_MAX_ITEMS = 8
 # Model batches of one call decoded ahead of the model: bounds a large request's memory.
 WINDOWS_AHEAD = 2
+QUERY_DECODE_THREADS = 2  # a query image is decoded apart from bulk work, at normal priority
 
 
 @dataclass
@@ -88,15 +90,19 @@ class Embedder:
         self.decode_budget = DecodeBudget(max_decoded_bytes)
         self.batcher = Batcher({"text": model.encode_texts, "image": model.encode_images},
                                max_batch_size, batch_wait_s, max_queued_batches, metrics)
-        self._decode_pool = ThreadPoolExecutor(decode_threads,
-                                               thread_name_prefix="clipsearch-decode")
+        # Bulk images decode at a lower priority than the model and the queries (priority.py);
+        # a query's image decodes at normal priority in a pool of its own.
+        self._decode_pool = background_pool(decode_threads, "clipsearch-decode")
+        self._query_decode_pool = ThreadPoolExecutor(QUERY_DECODE_THREADS,
+                                                     thread_name_prefix="clipsearch-query-decode")
 
     @property
     def dim(self) -> int:
         return self.model.dim
 
     def close(self) -> None:
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._decode_pool, self._query_decode_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
         self.batcher.close()
 
     async def embed_texts(self, texts: list[str], deadline: float | None = None,
@@ -143,7 +149,8 @@ class Embedder:
             async with ahead, self.decode_budget.hold(len(rows) * self.decoded_image_bytes,
                                                       deadline):
                 decode = self._decode_on_device if self.device_decoder else self._decode_on_host
-                pixels, done, failed = await decode([images[i] for i in rows])
+                pool = self._decode_pool if lane == BULK else self._query_decode_pool
+                pixels, done, failed = await decode([images[i] for i in rows], pool)
                 errors.update({rows[j]: exc for j, exc in failed.items()})
                 if done:
                     result = await self.batcher.submit("image", pixels, lane, deadline)
@@ -153,39 +160,40 @@ class Embedder:
                                for s in range(0, len(images), self.max_batch_size)))
         return Embedded(vectors, errors)
 
-    async def _decode_on_host(self, datas: list[bytes]
+    async def _decode_on_host(self, datas: list[bytes], pool: ThreadPoolExecutor
                               ) -> tuple[torch.Tensor, list[int], dict[int, ClipSearchError]]:
-        """Pillow and open_clip's transform in the decode pool: (pixels, rows done, errors)."""
+        """Pillow and open_clip's transform in `pool`: (pixels, rows done, errors)."""
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._preprocess_one, data)
+            *(loop.run_in_executor(pool, self._preprocess_one, data)
               for data in datas))
         failed = {i: d for i, d in enumerate(decoded) if isinstance(d, ClipSearchError)}
         done = [i for i in range(len(datas)) if i not in failed]
         pixels = torch.stack([decoded[i] for i in done]) if done else torch.empty(0)
         return pixels, done, failed
 
-    async def _decode_on_device(self, datas: list[bytes]
+    async def _decode_on_device(self, datas: list[bytes], pool: ThreadPoolExecutor
                                 ) -> tuple[torch.Tensor, list[int], dict[int, ClipSearchError]]:
         """JPEGs decoded as one batch on the model's device; the rest on the host, then moved."""
         decoder = self.device_decoder
         assert decoder is not None
         loop = asyncio.get_running_loop()
-        headers = await loop.run_in_executor(self._decode_pool, self._inspect_all, datas)
+        headers = await loop.run_in_executor(pool, self._inspect_all, datas)
         failed = {i: h for i, h in enumerate(headers) if isinstance(h, ClipSearchError)}
         jpegs = [i for i, h in enumerate(headers) if isinstance(h, JpegFile)]
         parts: list[torch.Tensor] = []
         done: list[int] = []
         if jpegs:
             pixels, refused = await loop.run_in_executor(
-                self._decode_pool, decoder.decode, [headers[i] for i in jpegs])
+                pool, decoder.decode, [headers[i] for i in jpegs])
             refused_rows = {jpegs[j] for j in refused}
             done = [i for i in jpegs if i not in refused_rows]
             if done:
                 parts.append(pixels)
         host = sorted(set(range(len(datas))) - set(failed) - set(done))
         if host:
-            pixels, host_done, host_failed = await self._decode_on_host([datas[i] for i in host])
+            pixels, host_done, host_failed = await self._decode_on_host([datas[i] for i in host],
+                                                                         pool)
             failed.update({host[j]: exc for j, exc in host_failed.items()})
             if host_done:
                 if decoder.device.type == "cuda":

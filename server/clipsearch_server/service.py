@@ -31,6 +31,7 @@ from .config import Settings
 from .embedder import Embedded
 from .encoders import Encoder, ModelInfo
 from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
+from .priority import background_pool
 from .stores import CollectionRegistry
 from .stores.base import CollectionInfo, NewItem, check_name
 from .stores.base import CollectionStore as Collection
@@ -81,6 +82,8 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         self.settings = settings
         self._encoder: Encoder | None = None
         self._collections: CollectionRegistry | None = None
+        # Thumbnails are bulk work: they yield the CPU to queries (priority.py).
+        self._thumbnail_pool = background_pool(settings.decode_threads, "clipsearch-thumbnail")
 
     def ready(self, encoder: Encoder, collections: CollectionRegistry) -> None:
         """Start answering: until now every call gets UNAVAILABLE."""
@@ -195,7 +198,8 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         # Thumbnails are made while the model embeds the same images.
         size = existing.thumbnail_size if existing is not None else DEFAULT_THUMBNAIL_SIZE
         thumbnailing = asyncio.get_running_loop().run_in_executor(
-            None, make_thumbnails, [b for _, b in images], size, self.settings.max_image_pixels)
+            self._thumbnail_pool, make_thumbnails, [b for _, b in images], size,
+            self.settings.max_image_pixels)
         try:
             for positions, embedded in (
                 ([i for i, _ in images],
