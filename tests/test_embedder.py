@@ -150,7 +150,7 @@ def test_a_running_bulk_batch_lets_a_query_through_between_its_calls(max_call_s:
     fake.release.clear()
     batcher = Batcher({"text": fake.encode}, max_batch=8, max_wait_s=0, max_queued=64,
                       max_call_s=max_call_s)
-    batcher._seconds_per_input["text"] = 20.0  # measured: 2 inputs (a power of two) fit 60 s
+    batcher._seconds_per_input["text"] = 30.0  # measured: 2 inputs (a power of two) fit 60 s
 
     async def go() -> np.ndarray:
         bulk = asyncio.ensure_future(batcher.submit("text", [f"b{i}" * i for i in range(8)],
@@ -179,8 +179,12 @@ def test_call_size_follows_the_measured_cost() -> None:
     assert batcher.call_size("text") == 4  # not measured yet: a small call measures it
     batcher._seconds_per_input["text"] = 0.025
     assert batcher.call_size("text") == 4
-    batcher._seconds_per_input["text"] = 0.015  # 6 fit: calls come in powers of two
+    batcher._seconds_per_input["text"] = 0.015  # 6.7 fit: the nearest power of two
+    assert batcher.call_size("text") == 8
+    batcher._seconds_per_input["text"] = 0.028  # 3.6 fit: 4, not 2
     assert batcher.call_size("text") == 4
+    batcher._seconds_per_input["text"] = 0.04  # 2.5 fit: 2
+    assert batcher.call_size("text") == 2
     batcher._seconds_per_input["text"] = 1.0
     assert batcher.call_size("text") == 1
     batcher._seconds_per_input["text"] = 1e-6
