@@ -228,7 +228,7 @@ class Batcher:
         if cost is None:
             return min(FIRST_CALL, self.max_batch)
         fit = self.max_call_s / max(cost, 1e-9)
-        nearest = 1 << max(0, round(math.log2(fit))) if fit >= 1 else 1
+        nearest = 1 << round(math.log2(fit)) if fit >= 1 else 1
         return _power_of_two_at_most(min(self.max_batch, nearest))
 
     def _encode_in_calls(self, modality: str, inputs: list[str] | torch.Tensor) -> np.ndarray:

@@ -378,7 +378,7 @@ def _write_back_gradually(path: Path) -> None:
     fsync, such as the store's for each acknowledged write, until all of it is on disk. Written
     back in small ranges, only the range in flight can hold them up.
     """
-    sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    sync_file_range = getattr(_libc(), "sync_file_range", None)
     if sync_file_range is None:
         return
     sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -407,24 +407,29 @@ def _remove_gradually(path: Path) -> None:
         path.unlink()
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library, for the Linux calls Python's os module lacks (the snapshot child's)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _idle_priority() -> None:
     """Linux: take CPU and disk time only when nothing else wants them (the snapshot child)."""
-    with contextlib.suppress(OSError, AttributeError):
+    try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    with contextlib.suppress(OSError, AttributeError):
-        os.nice(19)  # where SCHED_IDLE is refused
+    except (OSError, AttributeError):
+        with contextlib.suppress(OSError, AttributeError):
+            os.nice(19)  # where SCHED_IDLE is refused or missing
     number = _IOPRIO_SET.get(os.uname().machine)
     if number is not None:
         with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.syscall(number, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT)
+            _libc().syscall(number, IOPRIO_WHO_PROCESS, 0,
+                            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT)
 
 
 def _die_with(parent: int) -> None:
     """Linux: be killed when the parent dies (a killed server leaves no writer behind)."""
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
 
