@@ -264,3 +264,54 @@ def test_load_more_and_items_without_pictures(browser: webdriver.Chrome,
     wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card .nothumb")) == 30,
          "placeholders for items without a picture")
     shot(d, "load-more")
+
+
+def test_long_ids_keep_their_end_and_filter_keys_are_offered(
+        browser: webdriver.Chrome, photos_server: ServerProcess) -> None:
+    """Issue 18: ids made from paths were cut at the end, so all looked alike; and the filter's
+    key field gave no hint of the keys the items have."""
+    from clipsearch import Client
+
+    files = coco_images(2)
+    ids = [f"datasets/coco/images/train2017/{f.name}" for f in files]  # alike but for the end
+    with Client(photos_server.address) as client:
+        client.upsert("browser-paths", ids=ids, images=files,
+                      metadata=[{"album": "x", "exif": {"camera": "X100"}}, {"year": 2020}])
+    d = browser
+    d.get(photos_server.http_url + "/?collection=browser-paths")
+    wait(d, lambda d: sorted(result_ids(d)) == sorted(ids), "the items with long ids")
+    labels = d.execute_script("""
+        return [...document.querySelectorAll('.card')].map(card => {
+          const label = card.querySelector('.id'), head = label.querySelector('.head');
+          const tail = label.querySelector('.tail').getBoundingClientRect();
+          const box = label.getBoundingClientRect();
+          return {id: card.dataset.id, title: label.title, text: label.textContent,
+                  tail: label.querySelector('.tail').textContent,
+                  cut: head.scrollWidth > head.clientWidth,
+                  tailShown: tail.width > 0 && tail.left >= box.left - 0.5
+                             && tail.right <= box.right + 0.5};
+        })""")
+    for label in labels:
+        assert label["title"] == label["text"] == label["id"], label  # the whole id is there
+        assert label["cut"] and label["tailShown"], label  # cut before its end, which shows
+        assert label["id"].endswith(label["tail"]) and len(label["tail"]) >= 8, label
+    shot(d, "long-ids")
+
+    d.find_element(By.CSS_SELECTOR, "#filters summary").click()
+    d.find_element(By.ID, "add-filter").click()
+    key = d.find_element(By.CSS_SELECTOR, ".filter-row input")
+    assert key.get_attribute("list") == "filter-keys"
+    offered = ("return [...document.querySelectorAll('#filter-keys option')]"
+               ".map(o => o.value)")
+    assert d.execute_script(offered) == ["album", "exif", "exif.camera", "year"]
+    key.send_keys("exif.camera")  # the suggested key filters as any typed one does
+    d.find_element(By.CSS_SELECTOR, ".filter-row input[aria-label='Value']").send_keys("X100")
+    d.find_element(By.ID, "apply-filters").click()
+    wait(d, lambda d: result_ids(d) == [ids[0]], "the items with that key's value")
+    d.find_element(By.ID, "clear-filters").click()
+
+    # another collection offers its own keys
+    d.execute_script("const s = document.getElementById('collection');"
+                     "s.value = 'browser-photos'; s.dispatchEvent(new Event('change'));")
+    wait(d, lambda d: d.execute_script(offered) == ["caption", "path", "rank", "taken"],
+         "the other collection's keys")

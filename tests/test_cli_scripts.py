@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,38 @@ def test_item_verbs(server: ServerProcess) -> None:
     again = run("drop", "--collection", "scripts-b", *addr)
     assert again.returncode == 1 and "does not exist" in again.stderr
     assert run("drop", "--collection", "scripts-b", "--missing-ok", *addr).returncode == 0
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(server: ServerProcess) -> None:
+    """`clipsearch get ... | head -1` (issue 18): no "Broken pipe", and 141 as `cat` gives."""
+    ids = [f"item-{i:04d}" for i in range(300)]  # more lines than a pipe's write buffer
+    with Client(server.address) as c:
+        c.upsert("scripts-pipe", ids=ids, texts=["a cat"] * len(ids))
+    read, write = os.pipe()
+    os.close(read)  # the reader left before the first line
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "clipsearch", "--server", server.address, "get",
+             "--collection", "scripts-pipe", *ids],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("command", [["clipsearch", "serve"], ["clipsearch_server"]])
+def test_a_missing_checkpoint_is_refused_at_once(tmp_path: Path, command: list[str]) -> None:
+    """Issue 18: it was refused after torch's import (5-20 s), under 40 lines of usage."""
+    missing = tmp_path / "missing.pt"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", *command, "--checkpoint", str(missing),
+                             "--data-dir", str(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 10  # about 0.5 s; the import alone took 5 s or more
+    assert result.returncode == 2
+    assert f"error: --checkpoint {missing} is not a file" in result.stderr
+    assert len(result.stderr.splitlines()) <= 2, result.stderr  # the reason and a short usage
 
 
 def test_refused_connection_names_the_address() -> None:

@@ -700,6 +700,7 @@ def test_cli_serve_passes_every_argument(monkeypatch) -> None:
     app.main = lambda args: received.append(args) or 0  # type: ignore[attr-defined]
     launch = types.ModuleType("clipsearch_server.launch")
     launch.with_huge_pages = lambda tail: None  # type: ignore[attr-defined]
+    launch.check_settings = lambda args: None  # type: ignore[attr-defined]
     package = types.ModuleType("clipsearch_server")
     package.app, package.launch = app, launch  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "clipsearch_server", package)

@@ -219,3 +219,16 @@ def test_vectors_of_another_shape_or_model_are_refused(registry) -> None:
     with pytest.raises(FailedPrecondition, match="model-a"):
         col.check_model("model-b")
     assert col.count() == 0
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_new_data_dir_is_created_for_every_store(kind: str, tmp_path: Path) -> None:
+    """`serve --data-dir new/dir --store milvus` must work as the local store does (issue 18)."""
+    folder = tmp_path / "new" / "dir"
+    reg = make_registry(kind, folder)
+    try:
+        reg.create("c").upsert([NewItem("i", unit(0), {})])
+        assert reg.names() == ["c"]
+    finally:
+        reg.close_all()
+    assert folder.is_dir()

@@ -7,6 +7,7 @@ imports neither torch nor Pillow; ``serve`` imports the server only when asked f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ _GLOBAL_OPTIONS_WITH_VALUE = OPTIONS_WITH_VALUE
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 _AVIF_BRANDS = {b"avif", b"avis"}
 _JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
+STDOUT_CLOSED = 128 + 13  # the shell's status of a command killed by SIGPIPE
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +133,7 @@ def _serve(args: list[str]) -> int:
         print("the server is not installed: pip install 'clipsearch[server]'", file=sys.stderr)
         print(f"  ({exc})", file=sys.stderr)
         return 2
+    launch.check_settings(args)  # bad flags are refused before torch is imported
     launch.with_huge_pages(["serve", *args])  # may re-execute this command once (see launch.py)
     from clipsearch_server import app
 
@@ -301,6 +304,20 @@ _COMMANDS = {
 }
 
 
+def _stdout_closed() -> int:
+    """Stop quietly when the reader left (`clipsearch duplicates ... | head`), as `cat` does.
+
+    stdout goes to /dev/null so that the interpreter's last flush cannot fail again, and the
+    status is 141 (128 + SIGPIPE), the one the shell reports for `cat`, `grep` or `seq` killed
+    by the closed pipe: `set -o pipefail` scripts tell it apart from a real failure (1).
+    """
+    with contextlib.suppress(OSError, ValueError):  # stdout may not be a real file
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return STDOUT_CLOSED
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -329,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             tls_ca=args.tls_ca,
             tls_cert=args.tls_cert, tls_key=args.tls_key,
         ) as client:
-            return _COMMANDS[args.command](client, args)
+            status = _COMMANDS[args.command](client, args)
+            sys.stdout.flush()  # a reader that left shows here, not in the exit's last flush
+            return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except ClipSearchError as exc:
         if exc.code == grpc.StatusCode.UNAVAILABLE and connection_refused(exc.details or ""):
             print(f"error: cannot connect: {CONNECT_HINT.format(server=args.server)}",

@@ -53,8 +53,20 @@ def with_huge_pages(command_tail: list[str] | None = None) -> None:
         return
 
 
+def check_settings(argv: list[str]) -> None:
+    """Refuse bad flags (a missing --checkpoint, say) within a second: exits 2 with the reason.
+
+    Importing the app takes 5-20 s (torch, open_clip), so the flags are checked before it,
+    and before the re-execution; the app parses them again, in milliseconds.
+    """
+    from .config import parse_settings
+
+    parse_settings(argv)
+
+
 def main() -> int:
     """Entry point of `clipsearch-server` and `python -m clipsearch_server`."""
+    check_settings(sys.argv[1:])
     with_huge_pages()
     from .app import main as app_main
 

@@ -2,10 +2,11 @@
 // No framework and no build step. Metadata and ids are user data: they are only ever put on
 // the page with textContent, never as HTML.
 import { TOKEN_KEY, rpc, thumbnailUrl } from "./api.js";
-import { addFilterRow, readFilters } from "./filters.js";
+import { addFilterRow, offerKeys, readFilters } from "./filters.js";
 
 const PAGE = 24;            // results per "load more"
 const DEBOUNCE_MS = 250;    // search-as-you-type waits this long after the last key
+const ID_TAIL = 10;         // characters at the end of an id that its card always shows
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -94,6 +95,7 @@ function fillCollections(collections) {
 function chooseCollection() {
   const select = $("collection");
   state.collection = select.value;
+  $("filter-keys").replaceChildren(); // its keys are offered again as its items are shown
   const count = Number(select.selectedOptions[0]?.dataset.count || 0);
   if (count === 0) {
     clearResults();
@@ -216,10 +218,7 @@ function render(hits, withScore) {
     });
     const meta = document.createElement("span");
     meta.className = "meta";
-    const id = document.createElement("span");
-    id.className = "id";
-    id.textContent = hit.id;
-    meta.append(id);
+    meta.append(idLabel(hit.id));
     if (withScore) {
       const score = document.createElement("span");
       score.className = "score";
@@ -236,6 +235,26 @@ function render(hits, withScore) {
     li.append(card);
     list.append(li);
   }
+  offerKeys($("filter-keys"), hits.map((hit) => hit.metadata));
+}
+
+// A card's id, cut in the middle when it is too long (`train2…00042.jpg`): ids made from
+// paths share their start, so the start gives way to the ellipsis (style.css) and the end
+// stays. The title holds the whole id.
+function idLabel(id) {
+  const chars = [...id];
+  const cut = Math.max(0, chars.length - ID_TAIL);
+  const label = document.createElement("span");
+  label.className = "id";
+  label.title = id;
+  const head = document.createElement("span");
+  head.className = "head";
+  head.textContent = chars.slice(0, cut).join("");
+  const tail = document.createElement("span");
+  tail.className = "tail";
+  tail.textContent = chars.slice(cut).join("");
+  label.append(head, tail);
+  return label;
 }
 
 function describe(metadata) {

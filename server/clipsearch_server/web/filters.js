@@ -3,12 +3,16 @@
 
 const OPS = [["equals", "="], ["range", "number between"], ["time", "time between"],
              ["exists", "exists"]];
+const KEYS = "filter-keys"; // the <datalist> of metadata keys the key fields suggest
+const MAX_KEYS = 200;
+const KEY_DEPTH = 3;        // exif.gps.lat, but no deeper
 
 // Adds one row (key, condition, value or bounds, remove) to `container`.
 export function addFilterRow(container) {
   const row = document.createElement("div");
   row.className = "filter-row";
   const key = input("text", "key", "Metadata key, e.g. album or exif.camera");
+  key.setAttribute("list", KEYS);
   const op = document.createElement("select");
   op.setAttribute("aria-label", "Condition");
   for (const [value, label] of OPS) {
@@ -34,6 +38,29 @@ export function addFilterRow(container) {
   row.append(key, op, a, b, remove);
   container.append(row);
   key.focus();
+}
+
+// Adds the keys of `metadatas` (nested ones dotted, as filters name them) to the key fields'
+// suggestions, sorted, so that a filter need not guess which keys the items have.
+export function offerKeys(datalist, metadatas) {
+  const keys = new Set([...datalist.options].map((o) => o.value));
+  const walk = (obj, prefix, depth) => {
+    for (const [k, v] of Object.entries(obj || {})) {
+      if (keys.size >= MAX_KEYS) return;
+      keys.add(prefix + k);
+      if (v && typeof v === "object" && !Array.isArray(v) && depth < KEY_DEPTH) {
+        walk(v, `${prefix}${k}.`, depth + 1);
+      }
+    }
+  };
+  const before = keys.size;
+  for (const metadata of metadatas) walk(metadata, "", 1);
+  if (keys.size === before) return;
+  datalist.replaceChildren(...[...keys].sort().map((key) => {
+    const option = document.createElement("option");
+    option.value = key;
+    return option;
+  }));
 }
 
 function input(type, placeholder, label) {
