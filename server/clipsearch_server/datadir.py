@@ -57,9 +57,10 @@ class DataDirLock:
             self._fd = None
 
 
-def raise_descriptor_limit() -> int:
+def raise_descriptor_limit(connections: int = 0) -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; returns (and logs) how many
-    collections the limit allows."""
+    collections the limit allows once `connections` (the doors' connection limits) are set
+    aside."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = (1 << 20) if hard == resource.RLIM_INFINITY else hard
     if target > soft:
@@ -68,6 +69,6 @@ def raise_descriptor_limit() -> int:
             soft = target
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit above %d: %s", soft, exc)
-    allowed = max(0, (soft - FDS_RESERVED) // FDS_PER_COLLECTION)
+    allowed = max(0, (soft - FDS_RESERVED - connections) // FDS_PER_COLLECTION)
     log.info("open-file limit %d: room for about %d collections", soft, allowed)
     return allowed
