@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,15 +22,28 @@ from clipsearch_server.auth import (
     WRITE,
     TokenGrant,
     load_tokens,
+    request_scope,
     required_scope,
 )
 from clipsearch_server.errors import InvalidArgument
-from conftest import ServerProcess
+from clipsearch_server.stores.local import STORE_FILE
+from conftest import REPO, ServerProcess
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ClipSearchService"]
 TOKENS = {scope: f"token-with-scope-{scope}-0123456789" for scope in SCOPES}
 TEAM_TOKEN = "token-for-team-collections-only-0123"
 BARE_TOKEN = "a-bare-token-means-admin-everywhere-01"
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+TINY_PNG = _png()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +73,8 @@ def _request(method: grpc.Method, collection: str) -> object:
     return cls()
 
 
-def _call(address: str, method_name: str, token: str, collection: str) -> grpc.StatusCode:
+def _call(address: str, method_name: str, token: str, collection: str,
+          request: object = None) -> grpc.StatusCode:
     method = SERVICE.methods_by_name[method_name]
     output = getattr(pb, method.output_type.name)
     with grpc.insecure_channel(address) as channel:
@@ -66,7 +82,7 @@ def _call(address: str, method_name: str, token: str, collection: str) -> grpc.S
                                    request_serializer=lambda m: m.SerializeToString(),
                                    response_deserializer=output.FromString)
         try:
-            call(_request(method, collection), timeout=30,
+            call(request or _request(method, collection), timeout=30,
                  metadata=(("authorization", f"Bearer {token}"),))
             return grpc.StatusCode.OK
         except grpc.RpcError as exc:
@@ -79,23 +95,84 @@ def test_every_method_has_a_scope_in_the_one_table() -> None:
     for method in SERVICE.methods:
         assert method.name in METHOD_SCOPES, f"{method.name} has no scope in auth.METHOD_SCOPES"
     assert required_scope("/clipsearch.v1.ClipSearchService/SomethingNew") == ADMIN
-    for name in ("Recommend", "Classify", "FindDuplicates"):
+    for name in ("Recommend", "Classify", "FindDuplicates", "Cluster"):
         assert METHOD_SCOPES[name] == READ
-    assert METHOD_SCOPES["Cluster"] == WRITE
     assert METHOD_SCOPES["DropCollection"] == ADMIN
+    cluster = "/clipsearch.v1.ClipSearchService/Cluster"
+    assert request_scope(cluster, pb.ClusterRequest(n_clusters=2)) == READ
+    assert request_scope(cluster, pb.ClusterRequest(n_clusters=2, metadata_key="k")) == WRITE
 
 
-@pytest.mark.parametrize("scope", SCOPES)
-@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
+def readme_scope_table() -> dict[tuple[str, bool], str]:
+    """README's method -> scope table: {(method, writes labels): scope}."""
+    text = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| (`[A-Z].*?) \| (read|write|admin) \|$", text, re.MULTILINE)
+    table = {}
+    for names, scope in rows:
+        labels = "metadata_key" in names
+        for name in re.findall(r"`([A-Z][A-Za-z]+)`", names):
+            table[(name, labels)] = scope
+    return table
+
+
+def test_readme_scope_table_matches_the_servers_table() -> None:
+    table = readme_scope_table()
+    assert {name for name, _ in table} == {m.name for m in SERVICE.methods}
+    for (name, labels), scope in table.items():
+        if not labels:
+            assert METHOD_SCOPES[name] == scope, name
+    assert table[("Cluster", True)] == WRITE
+
+
+def _readme_cases() -> list[tuple[str, bool, str, str]]:
+    return [(name, labels, needed, scope) for (name, labels), needed in
+            sorted(readme_scope_table().items()) for scope in SCOPES]
+
+
+@pytest.mark.parametrize(("method", "labels", "needed", "scope"), _readme_cases())
 def test_every_method_under_every_scope(scoped_server: ServerProcess, method: str,
-                                        scope: str) -> None:
-    needed = METHOD_SCOPES[method]
+                                        labels: bool, needed: str, scope: str) -> None:
+    """Walks README's table against the server: each row under each scope."""
     collection = f"scope-{scope}-{method.lower()}"  # never there: drops change nothing
-    code = _call(scoped_server.address, method, TOKENS[scope], collection)
+    request = _request(SERVICE.methods_by_name[method], collection)
+    if labels:
+        request.metadata_key = "theme"
+    code = _call(scoped_server.address, method, TOKENS[scope], collection, request)
     if SCOPES.index(scope) >= SCOPES.index(needed):
         assert code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
     else:
         assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_classify_without_a_collection_is_open_to_a_scoped_token(
+        scoped_server: ServerProcess) -> None:
+    with Client(scoped_server.address, token=TEAM_TOKEN) as team:
+        result = team.classify([TINY_PNG], ["cat", "dog"])
+    assert len(result) == 1 and {s.label for s in result[0].scores} == {"cat", "dog"}
+
+
+def test_server_info_lists_only_unavailable_collections_the_token_reaches(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = ServerProcess(tiny_checkpoint, data).start()
+    with Client(server.address) as c:
+        for name in ("team-broken", "private-broken"):
+            c.upsert(name, ids=["a"], vectors=np.eye(1, 64, dtype=np.float32))
+    assert server.stop() == 0, server.log()
+    for name in ("team-broken", "private-broken"):
+        store = data / "collections" / name / STORE_FILE
+        store.write_bytes(b"\xff" * 16 + store.read_bytes()[16:])
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TEAM_TOKEN} read team-*\n{BARE_TOKEN}\n")
+    server = ServerProcess(tiny_checkpoint, data, "--auth-tokens-file", str(tokens)).start()
+    try:
+        with Client(server.address, token=TEAM_TOKEN) as team:
+            assert set(team.info().unavailable_collections) == {"team-broken"}
+        with Client(server.address, token=BARE_TOKEN) as admin:
+            assert set(admin.info().unavailable_collections) == {"team-broken",
+                                                                  "private-broken"}
+    finally:
+        assert server.stop() == 0, server.log()
 
 
 def test_refusal_names_the_scope_needed(scoped_server: ServerProcess) -> None:

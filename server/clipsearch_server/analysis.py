@@ -141,12 +141,37 @@ class Clustering:
     inertia: float
 
 
-def kmeans(vectors: np.ndarray, n_clusters: int, seed: int) -> Clustering:
-    """scikit-learn's k-means (k-means++ start, one run) on unit vectors, renumbered by size."""
-    from sklearn.cluster import KMeans  # imported here: only Cluster needs it
+def import_libraries() -> None:
+    """Import scikit-learn's k-means ahead of the first Cluster call."""
+    import sklearn.cluster  # noqa: F401
 
-    model = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed)
-    assignment = model.fit_predict(vectors)
+
+KMEANS_MAX_ITER = 300  # scikit-learn's default
+KMEANS_STEP_WORK = 1 << 25  # items x clusters x iterations between two stop checks
+
+
+def kmeans(vectors: np.ndarray, n_clusters: int, seed: int,
+           check: Callable[[], None] = lambda: None) -> Clustering:
+    """scikit-learn's k-means (k-means++ start, one run) on unit vectors, renumbered by size.
+
+    Lloyd's iterations run a few at a time, each step starting from the last one's centres
+    (the same iterations one long run makes), with `check` between steps so that a call
+    nobody waits for stops within about a second.
+    """
+    from sklearn.cluster import KMeans, kmeans_plusplus  # imported here: only Cluster needs it
+
+    centers, _ = kmeans_plusplus(vectors, n_clusters, random_state=seed)
+    step = max(1, min(20, KMEANS_STEP_WORK // max(1, len(vectors) * n_clusters)))
+    done = 0
+    while True:
+        check()
+        model = KMeans(n_clusters=n_clusters, init=centers, n_init=1,
+                       max_iter=min(step, KMEANS_MAX_ITER - done))
+        assignment = model.fit_predict(vectors)
+        centers = model.cluster_centers_
+        done += model.n_iter_
+        if model.n_iter_ < step or done >= KMEANS_MAX_ITER:
+            break
     sizes = np.bincount(assignment, minlength=n_clusters)
     order = np.lexsort((np.arange(n_clusters), -sizes))  # largest first, then old number
     renumber = np.empty(n_clusters, dtype=np.int64)
@@ -178,13 +203,14 @@ BEST_SCORE_POOL = 64  # BEST_SCORE looks at this many of each positive's nearest
 
 
 def best_score_hits(search: Callable[[np.ndarray, int, int], list], positives: np.ndarray,
-                    negatives: np.ndarray, k: int, ef: int, exclude: set[str]
-                    ) -> list[tuple[Any, float]]:
+                    negatives: np.ndarray, k: int, ef: int, exclude: set[str],
+                    check: Callable[[], None] = lambda: None) -> list[tuple[Any, float]]:
     """Candidates near each positive (`search(vector, k, ef)` gives hits with .id and
     .vector), scored by best_scores, best first; ties go to the smaller id."""
     pool = max(k, BEST_SCORE_POOL) + len(exclude)
     candidates: dict[str, Any] = {}
     for positive in positives:
+        check()
         for hit in search(positive, pool, max(ef, pool)):
             if hit.id not in exclude:
                 candidates.setdefault(hit.id, hit)

@@ -8,7 +8,6 @@ in threads. Every RPC is read-only except Cluster with a `metadata_key`.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import collections
 import functools
@@ -24,7 +23,9 @@ import numpy as np
 from clipsearch.v1 import clipsearch_pb2 as pb
 
 from . import analysis
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, ResourceExhausted
+from .heavy_work import HeavyCall
+from .reply_budget import ReplyBudget
 from .stores.base import CollectionStore as Collection
 
 DEFAULT_NEGATIVE_WEIGHT = 0.5
@@ -94,33 +95,39 @@ class AnalysisRpcs:
         collection = self.collections.get(request.collection)
         where = svc._where(request, collection)
         deadline = svc._deadline(context)
-        positives, pos_ids = await self._examples(collection, request.positives, "positives",
-                                                  deadline)
-        negatives, neg_ids = await self._examples(collection, request.negatives, "negatives",
-                                                  deadline)
-        exclude = set(pos_ids) | set(neg_ids)
-        ef = request.ef or s.default_ef
-        if strategy == pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR:
-            try:
-                query = analysis.average_vector_query(positives, negatives, weight)
-            except ValueError:
-                raise InvalidArgument("the negatives cancel the positives out: nothing is left "
-                                      "to search for", "negatives") from None
-            found = await asyncio.to_thread(
-                collection.search, query, request.k + len(exclude), ef, where)
-            hits = [(h, h.score) for h in found if h.id not in exclude][:request.k]
-        else:
-            hits = await asyncio.to_thread(
-                analysis.best_score_hits,
-                lambda vector, k, ef_: collection.search(vector, k, ef_, where),
-                positives, negatives, request.k, ef, exclude)
-        return pb.RecommendResponse(hits=[
-            pb.Hit(id=h.id, score=score, metadata=svc._struct(h.metadata),
-                   vector=svc._vector(h.vector) if request.include_vectors else None)
-            for h, score in hits])
+        async with self.heavy.call(context, deadline) as call:
+            positives, pos_ids = await self._examples(collection, request.positives,
+                                                      "positives", deadline, call)
+            negatives, neg_ids = await self._examples(collection, request.negatives,
+                                                      "negatives", deadline, call)
+            exclude = set(pos_ids) | set(neg_ids)
+            ef = request.ef or s.default_ef
+            if strategy == pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR:
+                try:
+                    query = analysis.average_vector_query(positives, negatives, weight)
+                except ValueError:
+                    raise InvalidArgument("the negatives cancel the positives out: nothing is "
+                                          "left to search for", "negatives") from None
+                found = await call.run(
+                    collection.search, query, request.k + len(exclude), ef, where)
+                hits = [(h, h.score) for h in found if h.id not in exclude][:request.k]
+            else:
+                hits = await call.run(
+                    analysis.best_score_hits,
+                    lambda vector, k, ef_: collection.search(vector, k, ef_, where),
+                    positives, negatives, request.k, ef, exclude, call.check)
+        budget = ReplyBudget(s.max_message_bytes)
+        entries = []
+        for h, score in hits:
+            entry = pb.Hit(id=h.id, score=score, metadata=svc._struct(h.metadata),
+                           vector=svc._vector(h.vector) if request.include_vectors else None)
+            budget.add(entry, len(entries), "hits")
+            entries.append(entry)
+        return pb.RecommendResponse(hits=entries)
 
     async def _examples(self, collection: Collection, examples: Any, field: str,
-                        deadline: float | None) -> tuple[np.ndarray, list[str]]:
+                        deadline: float | None, call: HeavyCall
+                        ) -> tuple[np.ndarray, list[str]]:
         """Unit vectors of the examples in order, and the stored ids among them."""
         rows: dict[int, np.ndarray] = {}
         ids: dict[int, str] = {}
@@ -141,7 +148,7 @@ class AnalysisRpcs:
                 raise InvalidArgument(f"{field}[{i}] is empty: set id, text, image or vector",
                                       f"{field}[{i}]")
         if ids:
-            rows.update(await _stored_vectors(collection, ids, field, f"{field}: "))
+            rows.update(await _stored_vectors(collection, ids, field, call, f"{field}: "))
         if texts or images:
             collection.check_model(self.model.fingerprint)
         for kind, pending, embed in (("text", texts, self._embed_texts),
@@ -163,6 +170,13 @@ class AnalysisRpcs:
                        ) -> pb.ClassifyResponse:
         self._check_count(len(request.inputs), "inputs")
         labels, templates = _check_labels(list(request.labels), list(request.templates))
+        deadline = svc._deadline(context)
+        async with self.heavy.call(context, deadline) as call:
+            return await self._classify(request, labels, templates, deadline, call)
+
+    async def _classify(self, request: pb.ClassifyRequest, labels: list[str],
+                        templates: list[str], deadline: float | None, call: HeavyCall
+                        ) -> pb.ClassifyResponse:
         top_n = min(request.top_n or DEFAULT_TOP_N, len(labels))
         images: list[tuple[int, bytes]] = []
         ids: dict[int, str] = {}
@@ -180,8 +194,7 @@ class AnalysisRpcs:
                 raise InvalidArgument("inputs name stored ids: set collection", "collection")
             collection = self.collections.get(request.collection)
             collection.check_model(self.model.fingerprint)
-            vectors.update(await _stored_vectors(collection, ids, "inputs"))
-        deadline = svc._deadline(context)
+            vectors.update(await _stored_vectors(collection, ids, "inputs", call))
         label_vectors = await self._label_vectors(labels, templates, deadline)
         embedded = await self._embed_images([b for _, b in images], deadline)
         errors = []
@@ -269,24 +282,40 @@ class AnalysisRpcs:
         collection = self.collections.get(request.collection)
         where = svc._where(request, collection)
         ef = request.ef or self.settings.default_ef
+        count, reach, limit = collection.info().count, max(ef, neighbours + 1), \
+            self.settings.max_duplicates_work
+        if count * reach > limit:
+            raise ResourceExhausted(
+                f"comparing {count} items at ef {reach} is over this server's limit "
+                f"(--max-duplicates-work {limit} items x ef): lower ef or neighbors, or narrow "
+                "the set with a filter")
         version = collection.cache_version()
         key = (collection.name, id(collection), version, threshold, neighbours, ef,
                request.filter.SerializeToString(deterministic=True))
         cache = self._duplicates_cache()
         result = cache.get(key) if version is not None else None
         if result is None:
-            result = await asyncio.to_thread(collection.find_duplicates, where, threshold,
-                                             neighbours, ef)
+            async with self.heavy.call(context, svc._deadline(context)) as call:
+                result = await call.run(collection.find_duplicates, where, threshold,
+                                        neighbours, ef, call.check)
             if version is not None:
                 cache.put(key, result)
-        page = result.groups[offset:offset + size]
-        more = offset + size < len(result.groups)
-        return pb.FindDuplicatesResponse(
-            groups=[pb.DuplicateGroup(
+        # A page past the reply limit ends early; its token continues from there.
+        budget = ReplyBudget(self.settings.max_message_bytes)
+        groups = []
+        for g in result.groups[offset:offset + size]:
+            group = pb.DuplicateGroup(
                 members=[pb.DuplicateMember(id=result.ids[row], score=score)
                          for row, score in zip(g.members, g.scores, strict=True)],
-                min_similarity=g.min_similarity) for g in page],
-            next_page_token=_encode_offset(offset + size) if more else "",
+                min_similarity=g.min_similarity)
+            if not budget.fits(group):
+                if not groups:
+                    raise budget.refusal(0, "groups")
+                break
+            groups.append(group)
+        end = offset + len(groups)
+        return pb.FindDuplicatesResponse(
+            groups=groups, next_page_token=_encode_offset(end) if end < len(result.groups) else "",
             total_groups=len(result.groups), items_compared=result.compared)
 
     def _duplicates_cache(self) -> _LruCache:
@@ -312,30 +341,40 @@ class AnalysisRpcs:
                                   "or '-'", "metadata_key")
         collection = self.collections.get(request.collection)
         where = svc._where(request, collection)
-        labels, vectors = await asyncio.to_thread(collection.read_vectors, where)
-        if n > len(labels):
-            raise InvalidArgument(
-                f"n_clusters is {n}, more than the {len(labels)} items to cluster", "n_clusters")
-        clustering = await asyncio.to_thread(analysis.kmeans, vectors, n, request.seed)
-        central = analysis.most_central(vectors, clustering.assignment, clustering.centroids,
-                                        top_n)
-        wanted = [_key(labels[r]) for rows, _ in central for r in rows]
-        records = await asyncio.to_thread(collection.records_by_key, wanted)
-        labelled = 0
-        if key:
-            values = dict(zip([_key(k) for k in labels], clustering.assignment.tolist(),
-                              strict=True))
-            labelled = await asyncio.to_thread(collection.set_metadata_key, values, key)
+        count = collection.info().count
+        if count * n > self.settings.max_cluster_work:
+            raise ResourceExhausted(
+                f"{n} clusters of {count} items is over this server's limit (--max-cluster-work "
+                f"{self.settings.max_cluster_work} items x clusters): ask for fewer clusters, "
+                "or narrow the set with a filter")
+        async with self.heavy.call(context, svc._deadline(context)) as call:
+            labels, vectors = await call.run(collection.read_vectors, where)
+            if n > len(labels):
+                raise InvalidArgument(f"n_clusters is {n}, more than the {len(labels)} items "
+                                      "to cluster", "n_clusters")
+            clustering = await call.run(analysis.kmeans, vectors, n, request.seed, call.check)
+            central = analysis.most_central(vectors, clustering.assignment,
+                                            clustering.centroids, top_n)
+            labelled = 0
+            if key:  # written before the hits are read, so the hits show the new labels
+                values = dict(zip([_key(k) for k in labels], clustering.assignment.tolist(),
+                                  strict=True))
+                labelled = await call.run(collection.set_metadata_key, values, key)
+            wanted = [_key(labels[r]) for rows, _ in central for r in rows]
+            records = await call.run(collection.records_by_key, wanted)
         sizes = np.bincount(clustering.assignment, minlength=n)
+        budget = ReplyBudget(self.settings.max_message_bytes)
         groups = []
         for c, (rows, scores) in enumerate(central):
             hits = [pb.Hit(id=r.id, score=float(score), metadata=svc._struct(r.metadata))
                     for row, score in zip(rows.tolist(), scores.tolist(), strict=True)
                     if (r := records.get(_key(labels[row]))) is not None]
-            groups.append(pb.ClusterGroup(
+            group = pb.ClusterGroup(
                 cluster=c, size=int(sizes[c]), central=hits,
                 centroid=(svc._vector(clustering.centroids[c]) if request.include_centroids
-                          else None)))
+                          else None))
+            budget.add(group, len(groups), "clusters")
+            groups.append(group)
         return pb.ClusterResponse(clusters=groups, items_clustered=len(labels),
                                   items_labelled=labelled, inertia=clustering.inertia)
 
@@ -370,10 +409,10 @@ class _LruCache:
 
 
 async def _stored_vectors(collection: Collection, ids: dict[int, str], field: str,
-                          prefix: str = "") -> dict[int, np.ndarray]:
+                          call: HeavyCall, prefix: str = "") -> dict[int, np.ndarray]:
     """The stored vectors of the items that request positions name, or NotFound naming all
     the missing ids (the field points at the first)."""
-    found = await asyncio.to_thread(collection.get, list(ids.values()))
+    found = await call.run(collection.get, list(ids.values()))
     missing = [(i, id_) for i, id_ in ids.items() if id_ not in found]
     if missing:
         names = ", ".join(repr(id_) for _, id_ in missing)

@@ -21,12 +21,14 @@ from grpc_reflection.v1alpha import reflection
 
 from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 
+from . import analysis
 from .admission import CallBudgetInterceptor, grpc_concurrency_cap
-from .auth import BearerTokenInterceptor, load_tokens, server_credentials
+from .auth import BearerTokenInterceptor, TokenTable, load_tokens, server_credentials
 from .config import Settings, parse_settings
 from .datadir import DataDirBusy, DataDirLock, raise_descriptor_limit
 from .encoders import open_encoder
 from .errors import ClipSearchError
+from .http_limits import grpc_connection_options
 from .http_server import HttpApp, HttpServer
 from .model import ModelLoadError
 from .observability import Metrics, ObservabilityInterceptor, configure_logging
@@ -66,12 +68,15 @@ async def serve(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
-    collection_room = raise_descriptor_limit()
+    # Each client connection holds a descriptor too: the doors' limits come out of the budget.
+    collection_room = raise_descriptor_limit(settings.grpc_max_connections + (
+        settings.http_max_connections if settings.http_port else 0))
     limit = settings.max_message_bytes
     metrics = Metrics()
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     try:
-        tokens = load_tokens(settings.auth_tokens_file, os.environ.get("CLIPSEARCH_AUTH_TOKENS"))
+        tokens = TokenTable(load_tokens(settings.auth_tokens_file,
+                                        os.environ.get("CLIPSEARCH_AUTH_TOKENS")))
     except (OSError, ClipSearchError) as exc:
         log.error("cannot read auth tokens: %s", exc)
         return 2
@@ -89,6 +94,8 @@ async def _serve(settings: Settings) -> int:
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            # keepalive, idle and age limits, handshake timeout, connection limit
+            *grpc_connection_options(settings),
         ],
     )
     servicer = ClipSearchServicer(settings)
@@ -108,7 +115,7 @@ async def _serve(settings: Settings) -> int:
         if settings.metrics_port:
             metrics.serve_http(settings.metrics_host, settings.metrics_port)
         # The same servicer and interceptors answer HTTP calls (Connect, gRPC-Web, JSON).
-        http = (HttpServer(HttpApp(servicer, interceptors, settings), settings)
+        http = (HttpServer(HttpApp(servicer, interceptors, settings, tokens), settings)
                 if settings.http_port else None)
     except (RuntimeError, OSError) as exc:
         log.error("cannot listen on %s (HTTP %s:%d): %s", address, settings.http_host,
@@ -134,6 +141,9 @@ async def _serve(settings: Settings) -> int:
     _install_signal_handlers(stop)
 
     try:
+        # scikit-learn's import holds the GIL for seconds: done now, beside the model load,
+        # rather than in the first Cluster call while searches wait.
+        libraries = asyncio.create_task(asyncio.to_thread(analysis.import_libraries))
         encoder = await asyncio.to_thread(open_encoder, settings, metrics)
     except (ModelLoadError, RuntimeError, ClipSearchError) as exc:
         log.error("model load failed: %s", exc)
@@ -164,6 +174,7 @@ async def _serve(settings: Settings) -> int:
         encoder.close()
         return 2
     metrics.watch_collections(collections.counts)
+    await libraries
     servicer.ready(encoder, collections)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: %d collections in %s", len(collections.names()), collections.describe())
@@ -187,8 +198,9 @@ async def _serve(settings: Settings) -> int:
     snapshots.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await snapshots
-    await asyncio.to_thread(collections.snapshot_all)
-    collections.close_all()
+    # Snapshots only spare the next start a replay from the stores: they get a bounded time.
+    await asyncio.to_thread(collections.snapshot_all, False, settings.shutdown_snapshot_s)
+    await asyncio.to_thread(collections.close_all)
     encoder.close()
     log.info("stopped")
     return 0

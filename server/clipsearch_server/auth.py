@@ -3,8 +3,9 @@
 Tokens come from a file and/or CLIPSEARCH_AUTH_TOKENS (comma-separated entries). A line of the
 file (or an entry) reads `TOKEN [SCOPE [PATTERN...]]`; `#` starts a comment:
 
-* SCOPE is `read` (embed, search, get, list, count, info), `write` (also upsert, delete,
-  create collection, cluster) or `admin` (also drop). A bare token is `admin`.
+* SCOPE is `read` (embed, search, get, list, count, info, the analysis calls), `write` (also
+  upsert, delete, create collection, and Cluster when it writes labels) or `admin` (also
+  drop). A bare token is `admin`.
 * PATTERNs are shell-style globs (fnmatch) limiting the token to those collection names;
   without any, the token reaches every collection. Collection listings show only the names a
   token may reach.
@@ -55,7 +56,7 @@ METHOD_SCOPES: dict[str, str] = {
     "CreateCollection": WRITE,
     "UpsertItems": WRITE,
     "DeleteItems": WRITE,
-    "Cluster": WRITE,
+    "Cluster": READ,  # WRITE when it writes labels (`metadata_key`): see request_scope
     "DropCollection": ADMIN,
 }
 
@@ -76,8 +77,68 @@ class TokenGrant:
 
 
 def required_scope(method: str) -> str:
-    """The scope a full method name (/package.Service/Method) needs."""
+    """The scope a full method name (/package.Service/Method) needs, whatever its request."""
     return METHOD_SCOPES.get(method.rsplit("/", 1)[-1], ADMIN)
+
+
+def request_scope(method: str, request: Any) -> str:
+    """The scope this request needs: a Cluster that writes labels is a write."""
+    if method.endswith("/Cluster") and getattr(request, "metadata_key", ""):
+        return WRITE
+    return required_scope(method)
+
+
+class Refused(Exception):
+    """A call refused by its token: the status code and the message to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TokenTable:
+    """The accepted tokens; answers which grant a call's `authorization` value carries.
+
+    Both doors ask it before anything else: the gRPC interceptor, and the HTTP door before it
+    reads a request's body.
+    """
+
+    def __init__(self, grants: list[TokenGrant]) -> None:
+        self._grants = [(g.token.encode(), g) for g in grants]
+
+    def __len__(self) -> int:
+        return len(self._grants)
+
+    def _grant(self, presented: str) -> TokenGrant | None:
+        candidate = presented.encode()
+        found = None
+        # compare against every token, so timing does not tell which one nearly matched
+        for token, grant in self._grants:
+            if hmac.compare_digest(candidate, token):
+                found = grant
+        return found
+
+    def authorize(self, method: str, authorization: str) -> TokenGrant:
+        """The grant of a call to `method` (its scope checked); raises Refused otherwise."""
+        scheme, _, token = authorization.partition(" ")
+        if not authorization:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing 'authorization: Bearer <token>' metadata")
+        grant = self._grant(token.strip()) if scheme.lower() == "bearer" else None
+        if grant is None:
+            log.warning("refused a call to %s: invalid token", method)
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        check_scope(grant, method, required_scope(method))
+        return grant
+
+
+def check_scope(grant: TokenGrant, method: str, needed: str) -> None:
+    """Raises Refused (PERMISSION_DENIED) when the grant's scope is below `needed`."""
+    if not grant.allows_scope(needed):
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                      f"{method.rsplit('/', 1)[-1]} needs the '{needed}' scope; "
+                      f"this token has '{grant.scope}'")
 
 
 def parse_grant(entry: str) -> TokenGrant:
@@ -114,17 +175,8 @@ def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without a valid bearer token; PERMISSION_DENIED beyond its grant."""
 
-    def __init__(self, grants: list[TokenGrant]) -> None:
-        self._grants = [(g.token.encode(), g) for g in grants]
-
-    def _grant(self, presented: str) -> TokenGrant | None:
-        candidate = presented.encode()
-        found = None
-        # compare against every token, so timing does not tell which one nearly matched
-        for token, grant in self._grants:
-            if hmac.compare_digest(candidate, token):
-                found = grant
-        return found
+    def __init__(self, tokens: TokenTable) -> None:
+        self._tokens = tokens
 
     async def intercept_service(
         self,
@@ -134,43 +186,38 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(OPEN_SERVICES):
             return await continuation(details)
         header = dict(details.invocation_metadata or ()).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not header:
-            return _refuse(grpc.StatusCode.UNAUTHENTICATED,
-                           "missing 'authorization: Bearer <token>' metadata")
-        grant = self._grant(token.strip()) if scheme.lower() == "bearer" else None
-        if grant is None:
-            log.warning("refused a call to %s: invalid token", details.method)
-            return _refuse(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
-        needed = required_scope(details.method)
-        if not grant.allows_scope(needed):
-            return _refuse(grpc.StatusCode.PERMISSION_DENIED,
-                           f"{details.method.rsplit('/', 1)[-1]} needs the '{needed}' scope; "
-                           f"this token has '{grant.scope}'")
+        try:
+            grant = self._tokens.authorize(details.method, header)
+        except Refused as refused:
+            return _refuse(refused.code, refused.message)
         handler = await continuation(details)
-        if not grant.patterns or handler is None or handler.unary_unary is None:
+        if handler is None or handler.unary_unary is None:
             return handler
-        return _limited_to_collections(handler, grant, needed)
+        return _limited_to_grant(handler, grant, details.method)
 
 
-def _limited_to_collections(handler: grpc.RpcMethodHandler, grant: TokenGrant, needed: str
-                            ) -> grpc.RpcMethodHandler:
-    """The handler, refusing collections outside the grant and hiding them from listings."""
+def _limited_to_grant(handler: grpc.RpcMethodHandler, grant: TokenGrant, method: str
+                      ) -> grpc.RpcMethodHandler:
+    """The handler, refusing what the request asks beyond the grant (a scope that depends on
+    the request, collections outside its globs) and hiding other collections from replies."""
     behavior = handler.unary_unary
     patterns = " ".join(grant.patterns)
 
     async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        needed = request_scope(method, request)
+        try:
+            check_scope(grant, method, needed)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
         name = _collection_of(request)
-        if name is not None and not grant.allows_collection(name):
+        if name and not grant.allows_collection(name):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this token reaches collections matching {patterns}, not {name!r}; "
                 f"the call needs the '{needed}' scope on {name!r}")
         response = await behavior(request, context)
-        if hasattr(response, "collections"):  # ListCollections: only what the token reaches
-            keep = [c for c in response.collections if grant.allows_collection(c.name)]
-            del response.collections[:]
-            response.collections.extend(keep)
+        if grant.patterns:
+            _hide_other_collections(response, grant)
         return response
 
     return grpc.unary_unary_rpc_method_handler(
@@ -178,8 +225,20 @@ def _limited_to_collections(handler: grpc.RpcMethodHandler, grant: TokenGrant, n
         response_serializer=handler.response_serializer)
 
 
+def _hide_other_collections(response: Any, grant: TokenGrant) -> None:
+    """Listings (ListCollections, GetServerInfo's unavailable ones) keep what the token
+    reaches."""
+    for field in ("collections", "unavailable_collections"):
+        if hasattr(response, field):
+            entries = getattr(response, field)
+            keep = [e for e in entries if grant.allows_collection(e.name)]
+            del entries[:]
+            entries.extend(keep)
+
+
 def _collection_of(request: Any) -> str | None:
-    """The collection a request names (`collection`, or `name` for the collection calls)."""
+    """The collection a request names (`collection`, or `name` for the collection calls);
+    empty when it names none (Classify of images alone)."""
     descriptor = getattr(request, "DESCRIPTOR", None)
     if descriptor is None:
         return None

@@ -15,6 +15,8 @@ from .catalog import default_pretrained
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+# Longest connection timeout: gRPC core takes milliseconds as a C int (about 24.8 days).
+MAX_TIMEOUT_S = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Settings:
     device: str = "auto"
     precision: str = "auto"
     max_message_bytes: int = 64 * 1024 * 1024
+    max_json_bytes: int = 8 * 1024 * 1024
     max_batch_size: int = 64
     max_items_per_request: int = 4096
     max_k: int = 1000
@@ -45,9 +48,15 @@ class Settings:
     hnsw_ef_construction: int = 200
     snapshot_interval_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    # With the drain (10 s), shutdown stays well inside Kubernetes' default 30 s grace period.
+    shutdown_snapshot_s: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
     max_concurrent_rpcs: int = 64
+    max_heavy_calls: int = 4
+    max_heavy_calls_per_caller: int = 2
+    max_duplicates_work: int = 1 << 26
+    max_cluster_work: int = 1 << 27
     max_open_streams: int = 16
     max_decoded_bytes: int = 1 << 30
     max_queued_batches: int = 64
@@ -66,6 +75,18 @@ class Settings:
     metrics_port: int = 0
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 60.0
+    http_max_connections: int = 512
+    grpc_keepalive_time_s: float = 60.0
+    grpc_keepalive_timeout_s: float = 20.0
+    grpc_min_ping_interval_s: float = 10.0
+    grpc_max_connection_idle_s: float = 300.0
+    grpc_max_connection_age_s: float = 0.0
+    grpc_max_connection_age_grace_s: float = 30.0
+    grpc_handshake_timeout_s: float = 10.0
+    grpc_max_connections: int = 512
+    allowed_hosts: tuple[str, ...] = ()
     encoder: str = "local"
     ray_address: str = "auto"
     ray_app: str = "clipsearch-encoder"
@@ -94,11 +115,17 @@ def _env_bool(name: str) -> bool:
     return value is not None and value.lower() in ("1", "true", "yes", "on")
 
 
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names."""
+    return tuple(n.strip().lower() for n in value.split(",") if n.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `clipsearch serve` flags; every default can also come from CLIPSEARCH_<FLAG>."""
     d = Settings()
     p = argparse.ArgumentParser(
         prog="clipsearch serve",
+        usage="%(prog)s [options]",  # a usage error is two lines, not the 40 of every flag
         description="Serve CLIP embeddings and HNSW search over gRPC. Every flag can also be "
         "set as an environment variable CLIPSEARCH_<FLAG> (e.g. CLIPSEARCH_DATA_DIR).",
     )
@@ -142,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=_env_bool("compile"),
                    help="torch.compile the towers: slower start, faster steady state "
                    "(env CLIPSEARCH_COMPILE)")
-    opt("--max-message-bytes", int, d.max_message_bytes, "largest request accepted, bytes")
+    opt("--max-message-bytes", int, d.max_message_bytes,
+        "largest request accepted and largest reply built, bytes (replies past it are "
+        "refused with RESOURCE_EXHAUSTED, or cut into pages for listings)")
+    opt("--max-json-bytes", int, d.max_json_bytes,
+        "largest JSON request body the HTTP door reads, bytes (JSON costs far more to parse "
+        "than binary protobuf, which --max-message-bytes bounds)")
     opt("--max-batch-size", int, d.max_batch_size, "most inputs in one model call")
     opt("--max-items-per-request", int, d.max_items_per_request,
         "most texts, images or items in one request")
@@ -162,10 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds between background index snapshots of changed collections")
     opt("--shutdown-grace-s", float, d.shutdown_grace_s,
         "seconds in-flight calls get to finish on SIGTERM")
+    opt("--shutdown-snapshot-s", float, d.shutdown_snapshot_s,
+        "seconds that saving changed indexes may take at shutdown, most changed first; the "
+        "rest are replayed from the store at the next start (nothing is lost)")
     opt("--log-level", str, d.log_level, "DEBUG, INFO, WARNING or ERROR")
     opt("--log-format", str, d.log_format, "text, or json for one JSON object per line")
     opt("--max-concurrent-rpcs", int, d.max_concurrent_rpcs,
         "calls served at once; more are refused with RESOURCE_EXHAUSTED (bounds memory)")
+    opt("--max-heavy-calls", int, d.max_heavy_calls,
+        "FindDuplicates, Cluster, Recommend and Classify calls running at once, in a pool of "
+        "their own at low CPU priority; more are refused with RESOURCE_EXHAUSTED")
+    opt("--max-heavy-calls-per-caller", int, d.max_heavy_calls_per_caller,
+        "of those, how many one token (or, without authentication, one client address) may "
+        "run at once")
+    opt("--max-duplicates-work", int, d.max_duplicates_work,
+        "FindDuplicates calls whose items x max(ef, neighbors + 1) exceed this are refused "
+        "up front with RESOURCE_EXHAUSTED")
+    opt("--max-cluster-work", int, d.max_cluster_work,
+        "Cluster calls whose items x n_clusters exceed this are refused up front with "
+        "RESOURCE_EXHAUSTED")
     opt("--max-open-streams", int, d.max_open_streams,
         "health Watch and reflection streams (which need no token) open at once, apart from "
         "--max-concurrent-rpcs; more are refused with RESOURCE_EXHAUSTED")
@@ -201,6 +248,38 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--http-host", str, d.http_host, "address of the HTTP door (Connect/gRPC-Web/JSON API "
         "and the search page); TLS settings apply to it too")
     opt("--http-port", int, d.http_port, "port of the HTTP door; 0 = off")
+    opt("--http-header-timeout-s", float, d.http_header_timeout_s,
+        "a request head must arrive whole within this many seconds of the connection opening "
+        "or of the previous response, or the connection is closed (408)")
+    opt("--http-body-timeout-s", float, d.http_body_timeout_s,
+        "a request body must arrive whole within this many seconds of its head, or the "
+        "connection is closed (408)")
+    opt("--http-max-connections", int, d.http_max_connections,
+        "HTTP connections open at once; more are answered 503 and closed; 0 = no limit")
+    opt("--grpc-keepalive-time-s", float, d.grpc_keepalive_time_s,
+        "the gRPC door pings a connection quiet for this long, to find vanished clients")
+    opt("--grpc-keepalive-timeout-s", float, d.grpc_keepalive_timeout_s,
+        "a connection whose ping is not answered within this many seconds is closed")
+    opt("--grpc-min-ping-interval-s", float, d.grpc_min_ping_interval_s,
+        "clients may ping this often without calls; faster pings close the connection")
+    opt("--grpc-max-connection-idle-s", float, d.grpc_max_connection_idle_s,
+        "a gRPC connection without calls for this long is closed (GOAWAY; clients reconnect "
+        "on their next call); 0 = never")
+    opt("--grpc-max-connection-age-s", float, d.grpc_max_connection_age_s,
+        "a gRPC connection older than this is asked to reconnect (spreads clients over "
+        "replicas behind a TCP load balancer); 0 = never")
+    opt("--grpc-max-connection-age-grace-s", float, d.grpc_max_connection_age_grace_s,
+        "calls still running on a connection past its age get this long before it is closed")
+    opt("--grpc-handshake-timeout-s", float, d.grpc_handshake_timeout_s,
+        "a gRPC connection must finish its TLS and HTTP/2 handshake within this many seconds")
+    opt("--grpc-max-connections", int, d.grpc_max_connections,
+        "gRPC connections open at once; more are closed as they are accepted; 0 = no limit")
+    env_hosts = _env("allowed_hosts")
+    p.add_argument("--allowed-hosts", type=_names, default=_names(env_hosts or ""),
+                   help="with authentication off, the HTTP door answers only Host values "
+                   "naming its address or localhost (against DNS rebinding): comma-separated "
+                   "further host names to answer, and whose pages may call the API; * for "
+                   "any (env CLIPSEARCH_ALLOWED_HOSTS)")
     engines = p.add_argument_group("scaling out (README: Scaling out)")
 
     def engine_opt(flag: str, default: str, help_: str) -> None:
@@ -269,11 +348,25 @@ def validate(s: Settings) -> str | None:
         return f"--http-port must be 0..65535 (0 = off), not {s.http_port}"
     for name in ("max_message_bytes", "max_batch_size", "max_items_per_request", "max_k",
                  "max_concurrent_rpcs", "max_open_streams", "max_decoded_bytes",
+                 "max_json_bytes", "max_heavy_calls", "max_heavy_calls_per_caller",
+                 "max_duplicates_work", "max_cluster_work",
                  "max_queued_batches",
                  "default_ef", "default_ef_text", "max_ef",
                  "max_image_pixels", "decode_threads", "hnsw_m", "hnsw_ef_construction"):
         if getattr(s, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
+    for name in ("http_header_timeout_s", "http_body_timeout_s", "grpc_keepalive_time_s",
+                 "grpc_keepalive_timeout_s", "grpc_handshake_timeout_s"):
+        if not 0 < getattr(s, name) <= MAX_TIMEOUT_S:
+            return f"--{name.replace('_', '-')} must be more than 0 and at most {MAX_TIMEOUT_S}"
+    for name in ("grpc_min_ping_interval_s", "grpc_max_connection_idle_s",
+                 "grpc_max_connection_age_s", "grpc_max_connection_age_grace_s"):
+        if not 0 <= getattr(s, name) <= MAX_TIMEOUT_S:
+            return f"--{name.replace('_', '-')} must be 0..{MAX_TIMEOUT_S}"
+    if s.http_max_connections < 0 or s.grpc_max_connections < 0:
+        return "--http-max-connections and --grpc-max-connections cannot be negative (0 = no limit)"
+    if s.shutdown_snapshot_s < 0:
+        return "--shutdown-snapshot-s cannot be negative"
     if s.batch_wait_ms < 0 or s.text_cache_size < 0 or s.max_model_call_ms < 0:
         return "--batch-wait-ms, --text-cache-size and --max-model-call-ms cannot be negative"
     if s.log_format not in ("text", "json"):

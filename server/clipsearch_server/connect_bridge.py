@@ -11,8 +11,12 @@ the service descriptor: there is nothing to write per method.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import grpc
@@ -30,6 +34,11 @@ from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1.clipsearch_connect import ClipSearchServiceASGIApplication
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ClipSearchService"]
+# Set by the HTTP door for each API call: set once the client has gone away, so the call stops.
+CLIENT_GONE: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar(
+    "clipsearch_client_gone", default=None)
+# Request bodies at least this large are parsed in a thread, not on the event loop.
+OFF_LOOP_DECODE_BYTES = 256 * 1024
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Headers that are HTTP's business, not the call's metadata.
 _NOT_METADATA = frozenset({"host", "content-type", "content-length", "content-encoding",
@@ -81,7 +90,8 @@ class BridgeContext:
         return None if remaining_ms is None else max(0.0, remaining_ms / 1000)
 
     def cancelled(self) -> bool:
-        return False
+        gone = CLIENT_GONE.get()
+        return gone is not None and gone.is_set()
 
     def code(self) -> grpc.StatusCode | None:
         return self._code
@@ -143,7 +153,7 @@ class ServicerBridge:
             handler = await self._intercepted(_CallDetails(path, metadata), behavior)
             if handler is None or handler.unary_unary is None:
                 raise ConnectError(Code.UNIMPLEMENTED, f"method {path} is not implemented")
-            return await handler.unary_unary(request, context)
+            return await _unless_client_goes(handler.unary_unary(request, context))
         except _Aborted as exc:
             raise ConnectError(connect_code(exc.code), exc.details,
                                _details(exc.trailing_metadata)) from None
@@ -158,6 +168,25 @@ class ServicerBridge:
             return await self._interceptors[i].intercept_service(lambda nd: step(i + 1, nd), d)
 
         return await step(0, details)
+
+
+async def _unless_client_goes(call: Awaitable[Any]) -> Any:
+    """The call's result; cancelled (as grpc.aio cancels a call) once its client has gone."""
+    gone = CLIENT_GONE.get()
+    if gone is None:
+        return await call
+    task = asyncio.ensure_future(call)
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ConnectError(Code.CANCELED, "the client went away")
+    return task.result()
 
 
 def _snake(name: str) -> str:
@@ -187,6 +216,19 @@ class _CheckedCodec:
                                f"request could not be decoded ({exc})") from None
 
 
+class _Undecoded:
+    """A codec that leaves the body as bytes: connectrpc reads it, and we decode it."""
+
+    def __init__(self, inner: Codec) -> None:
+        self._inner = inner
+
+    def name(self) -> str:
+        return self._inner.name()
+
+    def decode(self, data: bytes | bytearray, message_class: type) -> bytes:
+        return bytes(data)
+
+
 class _GoogleProtobufMessages(ConnectASGIApplication):
     """Makes the generated application use google.protobuf messages (our _pb2 stubs)."""
 
@@ -201,4 +243,17 @@ class ConnectApp(ClipSearchServiceASGIApplication, _GoogleProtobufMessages):
     def __init__(self, servicer: object, interceptors: Interceptors, *, max_in_flight: int,
                  read_max_bytes: int) -> None:
         self.bridge = ServicerBridge(servicer, interceptors, max_in_flight)
+        # JSON parsing is pure Python (about a second per 10 MiB of short strings): large
+        # bodies are parsed here, two at a time, so the event loop goes on serving.
+        self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="clipsearch-parse")
         super().__init__(self.bridge, read_max_bytes=read_max_bytes)  # type: ignore[arg-type]
+
+    async def _read_post_request(self, endpoint: Any, receive: Any, codec: Codec,
+                                 headers: Any) -> Any:
+        """connectrpc's body reading (caps, compression), then the parse, off the event loop
+        when the body is large."""
+        body = await super()._read_post_request(endpoint, receive, _Undecoded(codec), headers)
+        if len(body) < OFF_LOOP_DECODE_BYTES:
+            return codec.decode(body, endpoint.method.input)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, codec.decode, body, endpoint.method.input)

@@ -16,9 +16,8 @@ import hashlib
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from importlib import resources
-from typing import Any
 from urllib.parse import parse_qs
 
 import uvicorn
@@ -28,15 +27,23 @@ from connectrpc.request import Headers, RequestContext
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 
+from .auth import TokenTable
 from .config import Settings
-from .connect_bridge import SERVICE, ConnectApp
+from .connect_bridge import CLIENT_GONE, SERVICE, ConnectApp
+from .http_gate import (
+    HTTP_STATUS,
+    HostCheck,
+    Receive,
+    RpcHeadCheck,
+    Scope,
+    Send,
+    send_connect_error,
+    send_text,
+)
+from .http_limits import HttpLimits, guarded_protocol
 from .thumbnails import CONTENT_TYPE as THUMBNAIL_TYPE
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 RPC_PREFIX = f"/{SERVICE.full_name}/"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -55,38 +62,69 @@ PAGE_SECURITY = [
 _GET_ITEMS = MethodInfo(name="GetItems", service_name=SERVICE.full_name,
                         input=pb.GetItemsRequest, output=pb.GetItemsResponse,
                         idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS)
-# HTTP statuses of the Connect codes, for the thumbnail endpoint's plain responses.
-_HTTP_STATUS = {"invalid_argument": 400, "unauthenticated": 401, "permission_denied": 403,
-                "not_found": 404, "resource_exhausted": 429, "unavailable": 503,
-                "deadline_exceeded": 504, "failed_precondition": 400}
 
 
 class HttpApp:
-    """Routes a request to the Connect application, the thumbnail endpoint or the page."""
+    """Routes a request to the Connect application, the thumbnail endpoint or the page, after
+    the checks a request passes on its head alone (http_gate.py)."""
 
-    def __init__(self, servicer: object, interceptors: list, settings: Settings) -> None:
+    def __init__(self, servicer: object, interceptors: list, settings: Settings,
+                 tokens: TokenTable) -> None:
         self.connect = ConnectApp(servicer, interceptors,
                                   max_in_flight=settings.max_concurrent_rpcs,
                                   read_max_bytes=settings.max_message_bytes)
         self._page = {path: _page_file(name, kind) for path, (name, kind) in PAGE_FILES.items()}
+        # With tokens a rebound page has no token to send; without, Host and Origin decide.
+        self._hosts = None if tokens else HostCheck(settings.http_host, settings.allowed_hosts)
+        self._rpc_head = RpcHeadCheck(tokens, settings.max_json_bytes, settings.max_message_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
+        if self._hosts is not None and (why := self._hosts.refusal(scope)) is not None:
+            await send_text(send, 403, why)
+            return
         path = scope["path"]
         if path.startswith(RPC_PREFIX):
-            await self.connect(scope, receive, send)  # type: ignore[arg-type]
+            await self._rpc(scope, receive, send)
         elif path == "/thumbnail":
             await self._thumbnail(scope, send)
         elif path in self._page:
             body, kind, etag = self._page[path]
             await _send_cached(scope, send, body, kind, etag, b"no-cache", PAGE_SECURITY)
         else:
-            await _send_text(send, 404, "not found")
+            await send_text(send, 404, "not found")
+
+    async def _rpc(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An API call: refused on its head, or handed to connectrpc with its body counted and,
+        once the body is in, a watch for the client going away (which cancels the call)."""
+        refusal = self._rpc_head.refusal(scope)
+        if refusal is not None:
+            await send_connect_error(send, refusal.code, refusal.message, refusal.http_status)
+            return
+        gone = asyncio.Event()
+        watch: list[asyncio.Task] = []
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        def body_done() -> None:
+            watch.append(asyncio.create_task(watch_disconnect()))
+
+        token = CLIENT_GONE.set(gone)
+        try:
+            await self.connect(scope, self._rpc_head.counted(  # type: ignore[arg-type]
+                receive, self._rpc_head.cap(scope), body_done), send)
+        finally:
+            CLIENT_GONE.reset(token)
+            for task in watch:
+                task.cancel()
 
     async def _thumbnail(self, scope: Scope, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
-            await _send_text(send, 405, "use GET")
+            await send_text(send, 405, "use GET")
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         collection = query.get("collection", [""])[0]
@@ -99,10 +137,10 @@ class HttpApp:
         try:
             reply = await self.connect.bridge.get_items(request, ctx)
         except ConnectError as exc:
-            await _send_text(send, _HTTP_STATUS.get(exc.code.value, 500), exc.message)
+            await send_text(send, HTTP_STATUS.get(exc.code.value, 500), exc.message)
             return
         if not reply.items or not reply.items[0].thumbnail:
-            await _send_text(send, 404, f"no thumbnail for item {item_id!r}")
+            await send_text(send, 404, f"no thumbnail for item {item_id!r}")
             return
         body = reply.items[0].thumbnail
         extra = [(k.encode(), v.encode()) for k, v in ctx.response_headers.allitems()]
@@ -136,15 +174,6 @@ async def _send_cached(scope: Scope, send: Send, body: bytes, kind: str, etag: b
                 "body": b"" if scope["method"] == "HEAD" else body})
 
 
-async def _send_text(send: Send, status: int, text: str) -> None:
-    body = text.encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"x-content-type-options", b"nosniff")]})
-    await send({"type": "http.response.body", "body": body})
-
-
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn inside our event loop: the process's signal handling stays ours."""
 
@@ -163,6 +192,9 @@ class HttpServer:
         tls = settings.tls_cert is not None
         config = uvicorn.Config(
             app, lifespan="off", log_config=None, access_log=False, server_header=False,
+            # httptools with head/body read timeouts and a connection limit (http_limits.py);
+            # no websockets: an upgraded connection would leave both behind
+            http=guarded_protocol(HttpLimits.from_settings(settings)), ws="none",
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
             ssl_certfile=str(settings.tls_cert) if tls else None,
             ssl_keyfile=str(settings.tls_key) if tls else None,

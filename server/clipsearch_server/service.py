@@ -31,9 +31,11 @@ from .config import Settings
 from .embedder import Embedded
 from .encoders import Encoder, ModelInfo
 from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
+from .heavy_work import HeavyWork
 from .priority import background_pool
+from .reply_budget import ReplyBudget, with_thumbnails
 from .stores import CollectionRegistry
-from .stores.base import CollectionInfo, NewItem, check_name
+from .stores.base import CollectionInfo, NewItem, Record, check_name
 from .stores.base import CollectionStore as Collection
 from .thumbnails import DEFAULT_THUMBNAIL_SIZE, check_size, make_thumbnails
 
@@ -84,6 +86,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         self._collections: CollectionRegistry | None = None
         # Thumbnails are bulk work: they yield the CPU to queries (priority.py).
         self._thumbnail_pool = background_pool(settings.decode_threads, "clipsearch-thumbnail")
+        self.heavy = HeavyWork(settings.max_heavy_calls, settings.max_heavy_calls_per_caller)
 
     def ready(self, encoder: Encoder, collections: CollectionRegistry) -> None:
         """Start answering: until now every call gets UNAVAILABLE."""
@@ -232,18 +235,14 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
     async def GetItems(self, request: pb.GetItemsRequest, context: Ctx) -> pb.GetItemsResponse:
         self._check_count(len(request.ids), "ids")
         collection = self.collections.get(request.collection)
-        found = await asyncio.to_thread(collection.get, list(request.ids))
-        thumbs = await _thumbnails(collection, list(found), request.include_thumbnails)
-        items, missing = [], []
-        for id_ in request.ids:
-            record = found.get(id_)
-            if record is None:
-                missing.append(id_)
-                continue
-            items.append(pb.StoredItem(
-                id=record.id, metadata=_struct(record.metadata), thumbnail=thumbs.get(id_),
-                vector=_vector(record.vector) if request.include_vectors else None))
-        return pb.GetItemsResponse(items=items, missing_ids=missing)
+        ids = list(dict.fromkeys(request.ids))  # a repeated id is answered once
+        found = await asyncio.to_thread(collection.get, ids)
+        items = await with_thumbnails(
+            [found[i] for i in ids if i in found], lambda r: r.id,
+            collection.thumbnails if request.include_thumbnails else None,
+            _stored_item(request.include_vectors), ReplyBudget(self.settings.max_message_bytes),
+            "items")
+        return pb.GetItemsResponse(items=items, missing_ids=[i for i in ids if i not in found])
 
     @grpc_errors
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context: Ctx
@@ -274,13 +273,14 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
                                        size + 1)
         more = len(records) > size
         records = records[:size]
-        thumbs = await _thumbnails(collection, [r.id for r in records], request.include_thumbnails)
+        # A page past the reply limit ends early; its token continues after its last item.
+        items = await with_thumbnails(
+            records, lambda r: r.id, collection.thumbnails if request.include_thumbnails else None,
+            _stored_item(request.include_vectors), ReplyBudget(self.settings.max_message_bytes),
+            "items", partial=True)
+        more = more or len(items) < len(records)
         return pb.ListItemsResponse(
-            items=[pb.StoredItem(id=r.id, metadata=_struct(r.metadata), thumbnail=thumbs.get(r.id),
-                                 vector=_vector(r.vector) if request.include_vectors else None)
-                   for r in records],
-            next_page_token=_encode_page_token(records[-1].id) if more else "",
-        )
+            items=items, next_page_token=_encode_page_token(items[-1].id) if more else "")
 
     # --- search ---------------------------------------------------------------------------
     @grpc_errors
@@ -296,12 +296,13 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         default_ef = s.default_ef_text if request.WhichOneof("query") == "text" else s.default_ef
         hits = await asyncio.to_thread(
             collection.search, query, request.k, request.ef or default_ef, where)
-        thumbs = await _thumbnails(collection, [h.id for h in hits], request.include_thumbnails)
-        return pb.SearchResponse(hits=[
-            pb.Hit(id=h.id, score=h.score, metadata=_struct(h.metadata), thumbnail=thumbs.get(h.id),
-                   vector=_vector(h.vector) if request.include_vectors else None)
-            for h in hits
-        ])
+        with_vectors = request.include_vectors
+        return pb.SearchResponse(hits=await with_thumbnails(
+            hits, lambda h: h.id, collection.thumbnails if request.include_thumbnails else None,
+            lambda h, thumb: pb.Hit(id=h.id, score=h.score, metadata=_struct(h.metadata),
+                                    thumbnail=thumb,
+                                    vector=_vector(h.vector) if with_vectors else None),
+            ReplyBudget(self.settings.max_message_bytes), "hits"))
 
     async def _query_vector(self, request: pb.SearchRequest, collection: Collection,
                             deadline: float | None) -> np.ndarray:
@@ -370,9 +371,14 @@ def _status_with_field(code: grpc.StatusCode, message: str, field: str) -> grpc.
         status_pb2.Status(code=code.value[0], message=message, details=[detail]))
 
 
-async def _thumbnails(collection: Collection, ids: list[str], wanted: bool) -> dict[str, bytes]:
-    """The thumbnails of these ids when the request asked for them."""
-    return await asyncio.to_thread(collection.thumbnails, ids) if wanted and ids else {}
+def _stored_item(with_vectors: bool) -> Callable[[Record, bytes | None], pb.StoredItem]:
+    """A stored record (and its thumbnail) as a reply entry."""
+    def make(record: Record, thumbnail: bytes | None) -> pb.StoredItem:
+        return pb.StoredItem(id=record.id, metadata=_struct(record.metadata),
+                             thumbnail=thumbnail,
+                             vector=_vector(record.vector) if with_vectors else None)
+
+    return make
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

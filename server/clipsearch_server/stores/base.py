@@ -11,7 +11,7 @@ A *key* is how a store names an item internally in whole-collection reads (`read
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -126,8 +126,11 @@ class CollectionStore(Protocol):
     def set_metadata_key(self, values: dict, key: str) -> int:
         """Set metadata[key] of the items these keys name; returns how many changed."""
         ...
-    def find_duplicates(self, where: Any, threshold: float, neighbours: int, ef: int
-                        ) -> Duplicates: ...
+    def find_duplicates(self, where: Any, threshold: float, neighbours: int, ef: int,
+                        check: Callable[[], None]) -> Duplicates:
+        """Near-duplicate groups; calls `check` between chunks of neighbour queries (it
+        raises when the call should stop)."""
+        ...
     def cache_version(self) -> int | None:
         """Changes whenever the collection does, or None when this front cannot tell (other
         fronts write too): results derived from the items are then not cached."""
@@ -149,6 +152,9 @@ class CollectionRegistry(Protocol):
                thumbnail_size: int = ...) -> CollectionStore: ...
     def drop(self, name: str) -> bool: ...
     def counts(self) -> list[tuple[str, int]]: ...
-    def snapshot_all(self, force: bool = False) -> None: ...
+    def snapshot_all(self, force: bool = False, budget_s: float | None = None) -> None:
+        """Persist derived state (graphs, Milvus flushes); `budget_s`: shutting down, start
+        nothing after that many seconds (the store has every write either way)."""
+        ...
     def close_all(self) -> None: ...
     def describe(self) -> str: ...

@@ -23,7 +23,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,9 @@ COMPACT_CHURN_MIN = 1000
 # up to 5 % selectivity, the exact path 4-7 us per matching item; they cross near 8,000.
 EXACT_SEARCH_MAX = 8_000
 MAX_BOOSTED_EF = 8192
+# Threads that save graphs and close stores at shutdown: hnswlib's save holds the GIL, but the
+# fsyncs around it (graph file, manifest, folder, the store's last checkpoint) overlap.
+SHUTDOWN_THREADS = 8
 
 
 @contextlib.contextmanager
@@ -86,6 +90,8 @@ class Collection:
         self._count = store.count()
         self._closed = False
         self._saved_seq: int | None = None  # sequence of the newest snapshot on disk
+        # Items written or deleted since the graph on disk: what a restart would replay.
+        self._unsaved = self._count
         self.exact_search_max = EXACT_SEARCH_MAX
         self._churn = 0  # deletions and replacements since the graph was last built
         self._maintenance = threading.Lock()  # one snapshot or compaction at a time
@@ -129,15 +135,20 @@ class Collection:
                                 self.name, exc)
                 self.index.reset()
                 how = "rebuilt from store"
-            self._replay_after(self.index.seq)
+            self._unsaved = self._replay_after(self.index.seq)
             self.index.seq = store_seq
         log.info("collection %s: %d items, %s in %.2fs", self.name, self._count, how,
                  time.perf_counter() - started)
 
-    def _replay_after(self, seq: int) -> None:
+    def _replay_after(self, seq: int) -> int:
+        """Apply the store's changes after `seq` to the graph; returns how many."""
+        replayed = 0
         for labels, vectors in self.store.changes_after(seq):
             self.index.add(labels, vectors)
-        self.index.delete(self.store.deletions_after(seq))
+            replayed += len(labels)
+        deleted = self.store.deletions_after(seq)
+        self.index.delete(deleted)
+        return replayed + len(deleted)
 
     def compact_if_churned(self) -> bool:
         """Rebuild the graph from the store when churn has degraded it; True when rebuilt.
@@ -156,6 +167,8 @@ class Collection:
             started = time.perf_counter()
             fresh = HnswIndex(self.folder, self.dim, self.index.m, self.index.ef_construction)
             for labels, vectors in chunks:
+                if self._closed:  # shutting down: the graph in hand serves until the end
+                    return False
                 fresh.add(labels, vectors)
             with self.index.lock.write():
                 if self._closed:
@@ -171,33 +184,56 @@ class Collection:
                      "replacements, in %.1fs", self.name, churn, time.perf_counter() - started)
             return True
 
-    def snapshot(self, force: bool = False) -> bool:
-        """Save the graph if it changed since the last snapshot; True when saved."""
-        with self._maintenance:
+    def changed(self) -> bool:
+        """True when the graph differs from the newest snapshot on disk (or there is none)."""
+        return self._saved_seq != self.index.seq
+
+    def unsaved(self) -> int:
+        """Items written or deleted since the newest snapshot: what a restart would replay."""
+        return self._unsaved
+
+    def snapshot(self, force: bool = False, in_child: bool | None = None,
+                 wait: bool = True) -> bool:
+        """Save the graph if it changed since the last snapshot; True when saved.
+
+        `in_child` False writes the file in this process (no fork), None as HnswIndex decides.
+        `wait` False gives up at once when a snapshot or compaction of this collection is
+        already under way.
+        """
+        if not self._maintenance.acquire(blocking=wait):
+            return False
+        try:
+            return self._snapshot(force, in_child)
+        finally:
+            self._maintenance.release()
+
+    def _snapshot(self, force: bool, in_child: bool | None) -> bool:
+        with self.index.lock.write():
+            if self._closed:
+                return False
+            if not force and self._saved_seq == self.index.seq:
+                return False
+            covered = self._unsaved
+            pending = self.index.begin_save(in_child)
+        try:
+            manifest = self.index.finish_save(pending)
+        except ChildSaveFailed as exc:  # forking a gRPC server is not always safe
+            log.warning("collection %s: %s; saving in-process instead", self.name, exc)
             with self.index.lock.write():
                 if self._closed:
                     return False
-                if not force and self._saved_seq == self.index.seq:
-                    return False
-                pending = self.index.begin_save()
-            try:
-                manifest = self.index.finish_save(pending)
-            except ChildSaveFailed as exc:  # forking a gRPC server is not always safe
-                log.warning("collection %s: %s; saving in-process instead", self.name, exc)
-                with self.index.lock.write():
-                    if self._closed:
-                        return False
-                    manifest = self.index.finish_save(self.index.begin_save(in_child=False))
-            except OSError:
-                if self._closed:  # dropped meanwhile: its folder is gone, nothing to save
-                    return False
-                raise
-            with self.index.lock.write():
-                if self._closed:
-                    return False
-                self._saved_seq = manifest.seq
-            self.store.forget_deletions_through(manifest.seq)
-            return True
+                manifest = self.index.finish_save(self.index.begin_save(in_child=False))
+        except OSError:
+            if self._closed:  # dropped meanwhile: its folder is gone, nothing to save
+                return False
+            raise
+        with self.index.lock.write():
+            if self._closed:
+                return False
+            self._saved_seq = manifest.seq
+            self._unsaved -= covered
+        self.store.forget_deletions_through(manifest.seq)
+        return True
 
     def close(self) -> None:
         with self.index.lock.write():
@@ -234,6 +270,7 @@ class Collection:
             self.index.seq = seq
             self._count += created
             self._churn += len(last) - created  # ids that existed were replaced
+            self._unsaved += len(last)
         return len(items)
 
     def delete(self, ids: list[str]) -> int:
@@ -245,6 +282,7 @@ class Collection:
             self.index.seq = seq
             self._count -= len(labels)
             self._churn += len(labels)
+            self._unsaved += len(labels)
         return len(labels)
 
     def set_metadata_key(self, values: dict[int, object], key: str) -> int:
@@ -334,9 +372,9 @@ class Collection:
     def records_by_key(self, keys: list[int]) -> dict[int, Record]:
         return local_scans.records_by_label(self, keys)
 
-    def find_duplicates(self, where: SqlFilter, threshold: float, neighbours: int, ef: int
-                        ) -> Duplicates:
-        return local_scans.find_duplicates(self, where, threshold, neighbours, ef)
+    def find_duplicates(self, where: SqlFilter, threshold: float, neighbours: int, ef: int,
+                        check: Callable[[], None]) -> Duplicates:
+        return local_scans.find_duplicates(self, where, threshold, neighbours, ef, check)
 
     def cache_version(self) -> int:
         return self.index.seq
@@ -357,6 +395,7 @@ class Collections:
         # Collections whose files could not be opened at start: name -> reason. Left on disk,
         # not served; a restart tries them again.
         self.unavailable: dict[str, str] = {}
+        self._stopping = False  # shutting down: background snapshot rounds stop
 
     def open_all(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -464,10 +503,24 @@ class Collections:
         with self._lock:
             return [(name, c.count()) for name, c in sorted(self._open.items())]
 
-    def snapshot_all(self, force: bool = False) -> None:
+    def snapshot_all(self, force: bool = False, budget_s: float | None = None) -> None:
+        """Rebuild churned graphs, then save every changed one.
+
+        With `budget_s` (shutting down, nothing is served any more): no rebuilds, and the graphs
+        are written in-process by a few threads (a forked child per graph, at idle priority,
+        is there only to spare the serving threads), those with the most unsaved changes first;
+        none starts after `budget_s` seconds. A collection left unsaved loses nothing: its
+        store has every write, and the next start replays what its older snapshot lacks.
+        """
+        if budget_s is not None:
+            self._stopping = True  # a background round still going stops at its next collection
+            self._save_for_shutdown(budget_s)
+            return
         with self._lock:
             collections = list(self._open.values())
         for collection in collections:
+            if self._stopping:
+                return
             try:
                 collection.compact_if_churned()
                 if collection.snapshot(force):
@@ -475,9 +528,44 @@ class Collections:
             except Exception:
                 log.exception("snapshot of collection %s failed", collection.name)
 
+    def _save_for_shutdown(self, budget_s: float) -> None:
+        started = time.monotonic()
+        deadline = started + budget_s
+        with self._lock:
+            changed = [c for c in self._open.values() if c.changed()]
+        if not changed:
+            return
+        changed.sort(key=lambda c: c.unsaved(), reverse=True)
+
+        def save(collection: Collection) -> bool | None:
+            if time.monotonic() >= deadline:
+                return None  # out of time: replayed from the store at the next start
+            try:
+                # no wait: one a background round is saving or rebuilding is left as it is
+                return collection.snapshot(in_child=False, wait=False)
+            except Exception:
+                log.exception("snapshot of collection %s failed", collection.name)
+                return False
+
+        with ThreadPoolExecutor(min(SHUTDOWN_THREADS, len(changed)),
+                                thread_name_prefix="shutdown-snapshot") as pool:
+            results = list(pool.map(save, changed))
+        left = [c for c, saved in zip(changed, results, strict=True) if not saved]
+        log.info("saved %d of %d changed indexes in %.1fs%s", len(changed) - len(left),
+                 len(changed), time.monotonic() - started,
+                 f"; {len(left)} ({sum(c.unsaved() for c in left)} items written since their "
+                 "last snapshot) will be replayed from their stores at the next start"
+                 if left else "")
+
     def close_all(self) -> None:
         with self._lock:
             collections = list(self._open.values())
             self._open.clear()
-        for collection in collections:
-            collection.close()
+        if len(collections) < 2:
+            for collection in collections:
+                collection.close()
+            return
+        # Each close checkpoints the store's WAL into its database (fsyncs): a few at a time.
+        with ThreadPoolExecutor(min(SHUTDOWN_THREADS, len(collections)),
+                                thread_name_prefix="close") as pool:
+            list(pool.map(Collection.close, collections))

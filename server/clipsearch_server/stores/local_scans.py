@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +23,10 @@ from .base import Duplicates
 if TYPE_CHECKING:
     from .local import Collection
 
-NEIGHBOUR_CHUNK = 4096  # rows per batched graph query
+NEIGHBOUR_CHUNK = 4096  # most rows per batched graph query
+# Rows x ef per chunk: a chunk takes about a second even at ef 4096, so a cancelled call stops
+# within about that long.
+CHUNK_WORK = 1 << 19
 
 
 def read_vectors(collection: Collection, where: SqlFilter) -> tuple[np.ndarray, np.ndarray]:
@@ -51,20 +55,24 @@ def records_by_label(collection: Collection, labels: list[int]) -> dict[int, Rec
 
 
 def find_duplicates(collection: Collection, where: SqlFilter, threshold: float,
-                     neighbours: int, ef: int) -> Duplicates:
-    """Each matching item's nearest neighbours from the graph, joined into groups."""
+                     neighbours: int, ef: int, check: Callable[[], None]) -> Duplicates:
+    """Each matching item's nearest neighbours from the graph, joined into groups; `check`
+    runs between chunks of queries."""
     labels, vectors = read_vectors(collection, where)
     if len(labels) < 2:
         return Duplicates([], {}, len(labels))
     k = min(neighbours + 1, len(labels))  # +1: an item is its own nearest
     allowed = None if where is MATCH_ALL else set(labels.tolist())
-    threads = 1 if allowed is not None else max(1, min(4, os.cpu_count() or 1))
+    # One core is left to queries (the graph's threads are heavy work: heavy_work.py).
+    threads = 1 if allowed is not None else max(1, min(4, (os.cpu_count() or 1) - 1))
     try:
         found = np.empty((len(labels), k), np.int64)
         sims = np.empty((len(labels), k), np.float32)
         # In chunks, each under the read lock: a waiting write holds up searches only briefly.
-        for start in range(0, len(labels), NEIGHBOUR_CHUNK):
-            part = slice(start, start + NEIGHBOUR_CHUNK)
+        chunk = max(16, min(NEIGHBOUR_CHUNK, CHUNK_WORK // max(ef, k)))
+        for start in range(0, len(labels), chunk):
+            check()
+            part = slice(start, start + chunk)
             with collection.index.lock.read():
                 found[part], sims[part] = collection.index.neighbours(vectors[part], k, ef,
                                                                       threads, allowed)

@@ -23,7 +23,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -271,8 +272,8 @@ class MilvusCollection:
     def records_by_key(self, keys: list[str]) -> dict[str, Record]:
         return self.get(keys)
 
-    def find_duplicates(self, where: MilvusFilter, threshold: float, neighbours: int, ef: int
-                        ) -> Duplicates:
+    def find_duplicates(self, where: MilvusFilter, threshold: float, neighbours: int, ef: int,
+                        check: Callable[[], None]) -> Duplicates:
         """Each matching item's nearest neighbours from Milvus's graph, joined into groups."""
         ids, vectors = self.read_vectors(where)
         if len(ids) < 2:
@@ -282,6 +283,7 @@ class MilvusCollection:
         found = np.full((len(ids), k), -1, np.int64)
         sims = np.zeros((len(ids), k), np.float32)
         for start in range(0, len(ids), SEARCH_CHUNK):
+            check()
             hits = self._search(vectors[start:start + SEARCH_CHUNK], k, ef, where, ["id"])
             for offset, row_hits in enumerate(hits):
                 for j, hit in enumerate(row_hits[:k]):
@@ -322,6 +324,8 @@ class MilvusCollections:
         from pymilvus import MilvusClient
 
         with _engine(f"connect to {self.uri}"):
+            if self.embedded:  # Milvus Lite refuses a file whose folder does not exist yet
+                Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
             self.client = MilvusClient(uri=self.uri, token=self.token)
             for name in self._names_in_milvus():
                 try:
@@ -439,12 +443,17 @@ class MilvusCollections:
                 out.append((c.name, c.count()))
         return out
 
-    def snapshot_all(self, force: bool = False) -> None:
+    def snapshot_all(self, force: bool = False, budget_s: float | None = None) -> None:
         """Flush collections written since the last call, so that Milvus indexes new rows
-        (the snapshot timer's job for the local store: keep restarts and searches fast)."""
+        (the snapshot timer's job for the local store: keep restarts and searches fast).
+        With `budget_s` (shutting down) none starts after that many seconds: Milvus has the
+        rows either way."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         with self._lock:
             collections = list(self._open.values())
         for collection in collections:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
             try:
                 if collection.flush(force):
                     log.debug("collection %s flushed", collection.name)
