@@ -78,15 +78,32 @@ def machine() -> str:
         memory = f", {kib / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration, ValueError):
         pass
+    flags = cpu_flags()
     versions = []
     for package in ("numpy", "hnswlib"):
         try:
             versions.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{package} ?")
-    return (f"{cpu}, {os.cpu_count()} cores{memory}; {platform.system()} {platform.release()}; "
+    return (f"{cpu} ({flags}), {os.cpu_count()} cores{memory}; "
+            f"{platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}, {', '.join(versions)}, "
             f"SQLite {sqlite3.sqlite_version}")
+
+
+# The instruction sets that change which kernels (and precisions) run fast.
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "asimd", "bf16")
+
+
+def cpu_flags() -> str:
+    """The CPU's flags among those that matter for the numbers, e.g. 'avx2 fma avx512f'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(ln for ln in f if ln.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return "flags unknown"
+    present = set(line.split(":", 1)[1].split())
+    return " ".join(f for f in _FLAGS if f in present) or "none of " + " ".join(_FLAGS)
 
 
 def load() -> str:

@@ -149,6 +149,8 @@ def test_three_blobs_become_three_clusters_and_can_be_written_back(client: Clien
     for c in result.clusters:
         assert len(c.central) == 4
         assert all(h.metadata["blob"] == expected_blob[c.cluster] for h in c.central)
+        # the hits show the labels just written, not what the items held before
+        assert all(h.metadata["theme"] == c.cluster for h in c.central)
         np.testing.assert_allclose(c.centroid, centres[expected_blob[c.cluster]], atol=0.05)
     # the cluster number is in each item's metadata, and filters see it
     for c, b in enumerate(expected_blob):
@@ -157,6 +159,10 @@ def test_three_blobs_become_three_clusters_and_can_be_written_back(client: Clien
     # a filtered part: only blobs 0 and 2
     part = client.cluster("blobs", 2, filter={"blob": {"$in": [0, 2]}})
     assert part.sizes == [25, 15]
+    # written again over a part whose old labels differ (2 and 0 before, 0 and 1 now)
+    again = client.cluster("blobs", 2, filter={"blob": {"$in": [0, 2]}}, metadata_key="theme")
+    for c in again.clusters:
+        assert all(h.metadata["theme"] == c.cluster for h in c.central)
 
 
 # --- recommend --------------------------------------------------------------------------------

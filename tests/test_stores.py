@@ -176,7 +176,7 @@ def test_whole_collection_reads_and_labelling(registry) -> None:
                + [NewItem(f"r{i}", unit(10 + i), {"r": True}) for i in range(40)])
     keys, vectors = col.read_vectors(col.compile_filter(None))
     assert len(keys) == 42 and vectors.shape == (42, DIM)
-    dups = col.find_duplicates(col.compile_filter(None), 0.99, 5, 64)
+    dups = col.find_duplicates(col.compile_filter(None), 0.99, 5, 64, lambda: None)
     groups = [sorted(dups.ids[r] for r in g.members) for g in dups.groups]
     assert groups == [["x", "x-copy"]] and dups.compared == 42
     keys, _ = col.read_vectors(col.compile_filter(to_filter({"r": True})))
