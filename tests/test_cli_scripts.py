@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from clipsearch import Client
-from clipsearch.cli import build_parser, sniff_image
+from clipsearch.cli import build_parser
+from clipsearch.images import sniff_image
 from conftest import ServerProcess, coco_images, free_port
 
 

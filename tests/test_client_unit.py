@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from clipsearch import BatchError, Client, ClipSearchError, CollectionInfo, ItemFailure, cli
-from clipsearch.client import iter_batches
+from clipsearch.images import SNIFF_BYTES, discover_images, sniff_image
 from clipsearch.results import (
     decode_matrix,
     decode_vector,
@@ -30,6 +30,7 @@ from clipsearch.results import (
     metadata_to_struct,
     struct_to_metadata,
 )
+from clipsearch.upload import iter_batches
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
@@ -157,7 +158,7 @@ def _pil_bytes(fmt: str) -> bytes:
 )
 def test_sniff_real_images(fmt: str, name: str) -> None:
     data = _pil_bytes(fmt)
-    assert cli.sniff_image(data[: cli.SNIFF_BYTES]) == name
+    assert sniff_image(data[:SNIFF_BYTES]) == name
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ def test_sniff_real_images(fmt: str, name: str) -> None:
     ],
 )
 def test_sniff_rejects_non_images(head: bytes) -> None:
-    assert cli.sniff_image(head) is None
+    assert sniff_image(head) is None
 
 
 def test_discover_images_walks_sorted_and_relative(tmp_path: Path) -> None:
@@ -186,7 +187,7 @@ def test_discover_images_walks_sorted_and_relative(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "empty.png").write_bytes(b"")
 
-    found = cli.discover_images(tmp_path)
+    found = discover_images(tmp_path)
     assert found.images == ["a/x.png", "b/deep/photo.dat", "z.png"]
     assert found.not_images == ["a/fake.jpg", "empty.png", "notes.txt"]
     assert found.unreadable == []
@@ -198,7 +199,7 @@ def test_discover_reports_unreadable(tmp_path: Path) -> None:
     secret.write_bytes(PNG_HEAD)
     secret.chmod(0)
     try:
-        found = cli.discover_images(tmp_path)
+        found = discover_images(tmp_path)
     finally:
         secret.chmod(0o600)
     assert [rel for rel, _ in found.unreadable] == ["secret.png"]
@@ -261,7 +262,7 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 def _is_image(data: bytes) -> bool:
-    return cli.sniff_image(data[: cli.SNIFF_BYTES]) is not None
+    return sniff_image(data[:SNIFF_BYTES]) is not None
 
 
 def _text_vector(text: str) -> list[float]:
@@ -465,8 +466,8 @@ def test_embed_images_accepts_paths_bytes_and_pil(fake, tmp_path: Path) -> None:
     assert out.shape == (5, DIM)
     (request,) = service.calls("EmbedImages")
     assert request.images[0] == PNG_HEAD and request.images[2] == JPEG_HEAD
-    assert cli.sniff_image(request.images[3]) == "png"
-    assert cli.sniff_image(request.images[4]) == "png"
+    assert sniff_image(request.images[3]) == "png"
+    assert sniff_image(request.images[4]) == "png"
 
 
 def test_rpc_error_becomes_clipsearch_error(fake) -> None:
@@ -717,6 +718,15 @@ def test_cli_serve_without_server(monkeypatch, capsys) -> None:
     assert (
         "the server is not installed: pip install 'clipsearch[server]'" in capsys.readouterr().err
     )
+
+
+def test_cli_version(capsys) -> None:
+    import clipsearch
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"clipsearch {clipsearch.__version__}\n"
 
 
 def test_item_failure_is_plain_data() -> None:

@@ -6,19 +6,11 @@ The client needs neither torch nor Pillow; the server is the ``clipsearch[server
 from importlib.metadata import PackageNotFoundError, version
 
 from clipsearch.analysis import Classification, Cluster, Clustering, DuplicateGroup, LabelScore
-from clipsearch.client import (
-    BatchError,
-    Client,
-    ClipSearchError,
-    CollectionInfo,
-    Hit,
-    ImageInput,
-    ItemFailure,
-    PartialWriteError,
-    Record,
-    ServerInfo,
-)
+from clipsearch.client import Client
+from clipsearch.errors import BatchError, ClipSearchError, ItemFailure, PartialWriteError
 from clipsearch.filters import to_filter
+from clipsearch.images import ImageInput
+from clipsearch.results import CollectionInfo, Hit, Record, ServerInfo
 
 try:
     __version__ = version("clipsearch")

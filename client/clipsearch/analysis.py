@@ -1,18 +1,23 @@
 """Client methods beyond search: recommend, classify, find_duplicates and cluster.
 
-A mixin of `clipsearch.Client`; it uses the client's `_call` and wire helpers.
+A mixin of `clipsearch.Client`: it uses the client's `_call` and `batch_size`, and takes its
+helpers from checks.py, errors.py, results.py and images.py, never from client.py (which
+imports this module to mix it in).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from clipsearch.checks import _check_k, _strings
+from clipsearch.errors import BatchError, _item_failures
 from clipsearch.filters import FilterSpec, to_filter
+from clipsearch.images import _check_images, _load_image, _query_image
+from clipsearch.results import Hit, _hit, decode_vector, encode_vector
 from clipsearch.v1 import clipsearch_pb2 as pb
 
 _STRATEGIES = {
@@ -70,7 +75,7 @@ class Cluster:
 
     cluster: int
     size: int
-    central: list[Any]  # list[clipsearch.Hit]
+    central: list[Hit]
     centroid: np.ndarray | None = None
 
 
@@ -103,7 +108,7 @@ class AnalysisMixin:
         ef: int = 0,
         filter: FilterSpec | pb.Filter | None = None,
         include_vectors: bool = False,
-    ) -> list[Any]:
+    ) -> list[Hit]:
         """The k items most like ``positives`` and least like ``negatives``, best first.
 
         An example is a stored id (a str), a vector (numpy array), an image (bytes, a path or a
@@ -114,8 +119,7 @@ class AnalysisMixin:
         """
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, got {strategy!r}")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        _check_k(k)
         if isinstance(positives, (str, bytes, Mapping)) or isinstance(negatives,
                                                                      (str, bytes, Mapping)):
             raise TypeError("positives and negatives must be sequences of examples")
@@ -148,12 +152,10 @@ class AnalysisMixin:
         ``templates`` (default ``["a photo of a {}."]``) are averaged per label. Raises
         BatchError when some images failed; its ``results`` has None for them.
         """
-        labels = _c._strings(labels, "labels", "label")
-        ids = _c._strings(ids, "ids", "id")
-        templates = _c._strings(templates or (), "templates", "template")
-        if isinstance(images, (str, bytes, os.PathLike)) or _c._is_pil_image(images):
-            raise TypeError("images must be a sequence of images, not one image")
-        checked = [_c._check_image(img, i) for i, img in enumerate(images)]
+        labels = _strings(labels, "labels", "label")
+        ids = _strings(ids, "ids", "id")
+        templates = _strings(templates or (), "templates", "template")
+        checked = _check_images(images)
         if ids and not collection:
             raise ValueError("classifying stored ids needs a collection")
         inputs: list[tuple[str, Any]] = [("image", img) for img in checked]
@@ -164,16 +166,16 @@ class AnalysisMixin:
             batch = inputs[start:start + self.batch_size]
             request = pb.ClassifyRequest(
                 collection=collection or "", labels=labels, templates=templates, top_n=top_n,
-                inputs=[pb.ClassifyInput(image=_c._load_image(v)) if kind == "image"
+                inputs=[pb.ClassifyInput(image=_load_image(v)) if kind == "image"
                         else pb.ClassifyInput(id=v) for kind, v in batch])
             response = self._call("Classify", request)
             for r in response.results:
                 scores = [LabelScore(s.label, s.probability, s.similarity) for s in r.scores]
                 top = [LabelScore(s.label, s.probability, s.similarity) for s in r.top]
                 results[start + r.index] = Classification(start + r.index, scores, top)
-            failures += _c._item_failures(response.errors, list(enumerate(batch, start)))
+            failures += _item_failures(response.errors, list(enumerate(batch, start)))
         if failures:
-            error = _c.BatchError(failures, len(inputs))
+            error = BatchError(failures, len(inputs))
             error.results = results  # type: ignore[attr-defined]
             raise error
         return [r for r in results if r is not None]
@@ -239,15 +241,10 @@ class AnalysisMixin:
             request.filter.CopyFrom(to_filter(filter))
         r = self._call("Cluster", request)
         clusters = [Cluster(c.cluster, int(c.size), [_hit(h) for h in c.central],
-                            _c.decode_vector(c.centroid) if c.HasField("centroid") else None)
+                            decode_vector(c.centroid) if c.HasField("centroid") else None)
                     for c in r.clusters]
         return Clustering(clusters, int(r.items_clustered), int(r.items_labelled),
                           float(r.inertia), [c.size for c in clusters])
-
-
-def _hit(hit: pb.Hit) -> Any:
-    return _c.Hit(id=hit.id, score=float(hit.score), metadata=_c.struct_to_metadata(hit.metadata),
-                  vector=_c.decode_vector(hit.vector) if hit.HasField("vector") else None)
 
 
 def _example(example: Example, where: str) -> pb.Example:
@@ -263,16 +260,13 @@ def _example(example: Example, where: str) -> pb.Example:
                 raise TypeError(f"{where}: text must be a str")
             return pb.Example(text=value)
         if kind == "image":
-            return pb.Example(image=_c._query_image(value))
+            return pb.Example(image=_query_image(value))
         if kind == "vector":
-            return pb.Example(vector=_c.encode_vector(value))
+            return pb.Example(vector=encode_vector(value))
         raise ValueError(f"{where}: unknown example kind {kind!r}: use id, text, image or vector")
     if isinstance(example, str):
         return pb.Example(id=example)
     if isinstance(example, np.ndarray):
-        return pb.Example(vector=_c.encode_vector(example))
-    return pb.Example(image=_c._query_image(example))
+        return pb.Example(vector=encode_vector(example))
+    return pb.Example(image=_query_image(example))
 
-
-# Imported last: clipsearch.client mixes this class into Client.
-from clipsearch import client as _c  # noqa: E402

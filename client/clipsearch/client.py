@@ -13,68 +13,39 @@ dicts).
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import struct_pb2
-from tqdm import tqdm
 
+from clipsearch import upload
 from clipsearch.analysis import AnalysisMixin
-from clipsearch.errors import (
-    BatchError,
-    ClipSearchError,
-    ItemFailure,
-    PartialWriteError,
-    _field_violations,
-    _item_failures,
-    _malformed,
-    _too_large,
+from clipsearch.checks import (
+    _check_k,
+    _exactly_one,
+    _metadata_structs,
+    _strings,
+    _upsert_content,
 )
+from clipsearch.errors import BatchError, ClipSearchError, _field_violations
 from clipsearch.filters import FilterSpec, to_filter
-from clipsearch.images import (
-    ImageInput,
-    _check_image,
-    _image_setter,
-    _is_pil_image,
-    _load_image,
-    _query_image,
-)
+from clipsearch.images import ImageInput, _check_images, _load_image, _query_image
 from clipsearch.results import (
     CollectionInfo,
     Hit,
     Record,
     ServerInfo,
+    _hit,
     _record,
-    decode_matrix,
-    decode_vector,
     encode_vector,
-    metadata_to_struct,
-    struct_to_metadata,
 )
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
-if TYPE_CHECKING:  # Pillow is optional: only type checkers look at it.
-    pass
-
-__all__ = [
-    "BatchError",
-    "Client",
-    "ClipSearchError",
-    "CollectionInfo",
-    "Hit",
-    "ImageInput",
-    "ItemFailure",
-    "Record",
-    "ServerInfo",
-]
-
+__all__ = ["DEFAULT_TARGET", "Client"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -83,44 +54,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _ID_CHUNK = 1024
 # Room left in a request for everything that is not an item's payload.
 _REQUEST_OVERHEAD = 4096
-
-_T = TypeVar("_T")
-
-
-# --------------------------------------------------------------------------------------------
-# Request batching (pure; tested without a server)
-
-
-def iter_batches(
-    items: Iterable[_T],
-    size_of: Callable[[_T], int],
-    *,
-    max_items: int,
-    max_bytes: int,
-) -> Iterator[list[tuple[int, _T]]]:
-    """Group items into batches of at most ``max_items`` and about ``max_bytes``.
-
-    Lazy, so that only one batch of loaded images is held at a time. Yields lists of
-    ``(index, item)`` with the item's position in ``items``. An item larger than ``max_bytes``
-    goes alone in its batch rather than being dropped.
-    """
-    if max_items < 1:
-        raise ValueError("max_items must be at least 1")
-    batch: list[tuple[int, _T]] = []
-    batch_bytes = 0
-    for index, item in enumerate(items):
-        size = size_of(item)
-        if batch and (len(batch) >= max_items or batch_bytes + size > max_bytes):
-            yield batch
-            batch, batch_bytes = [], 0
-        batch.append((index, item))
-        batch_bytes += size
-    if batch:
-        yield batch
-
-
-# --------------------------------------------------------------------------------------------
-# The client
 
 
 class Client(AnalysisMixin):
@@ -186,14 +119,14 @@ class Client(AnalysisMixin):
         self._stub = pb_grpc.ClipSearchServiceStub(self._channel)
         self._dim: int | None = None
 
-    # Requests are split to stay under half the message limit, leaving room for the rest.
     @property
-    def _batch_bytes(self) -> int:
-        return self.max_message_bytes // 2
-
-    @property
-    def _item_limit(self) -> int:
-        return self.max_message_bytes - _REQUEST_OVERHEAD
+    def _limits(self) -> upload.Limits:
+        # Requests are split to stay under half the message limit, leaving room for the rest.
+        return upload.Limits(
+            batch_size=self.batch_size,
+            batch_bytes=self.max_message_bytes // 2,
+            item_limit=self.max_message_bytes - _REQUEST_OVERHEAD,
+        )
 
     def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
@@ -241,9 +174,7 @@ class Client(AnalysisMixin):
         Raises BatchError if some images failed (e.g. undecodable); its ``vectors`` has NaN
         rows for them. Files are read one batch at a time.
         """
-        if isinstance(images, (str, bytes, os.PathLike)) or _is_pil_image(images):
-            raise TypeError("images must be a sequence of images, not one image")
-        checked = [_check_image(img, i) for i, img in enumerate(images)]
+        checked = _check_images(images)
         return self._embed(
             (_load_image(img) for img in checked),
             lambda batch: self._call("EmbedImages", pb.EmbedImagesRequest(images=batch)),
@@ -261,41 +192,14 @@ class Client(AnalysisMixin):
         progress: bool,
         total: int,
     ) -> np.ndarray:
-        n = total
-        rows: dict[int, np.ndarray] = {}
-        failures: list[ItemFailure] = []
-        with tqdm(total=n, unit="item", disable=not progress) as bar:
-            for batch in iter_batches(
-                payloads, len, max_items=self.batch_size, max_bytes=self._batch_bytes
-            ):
-                sendable = []
-                for index, payload in batch:
-                    if len(payload) > self._item_limit:
-                        failures.append(_too_large(index, len(payload), self._item_limit))
-                    else:
-                        sendable.append((index, payload))
-                if sendable:
-                    response = send([decode(p) for _, p in sendable])
-                    matrix = decode_matrix(response.vectors)
-                    if matrix.shape[0] != len(sendable):
-                        raise _malformed(f"{matrix.shape[0]} rows for {len(sendable)} items")
-                    self._dim = matrix.shape[1]
-                    for row, (index, _) in enumerate(sendable):
-                        rows[index] = matrix[row]
-                    failures.extend(_item_failures(response.errors, sendable))
-                bar.update(len(batch))
-        # The dimension comes from a response; with none (empty input, or every item refused
-        # before sending) the server is asked, so the shape is always (n, dim).
-        dim = self._dim if self._dim is not None else self.info().dim
-        out = np.full((n, dim), np.nan, dtype=np.float32)
-        for index, row in rows.items():
-            out[index] = row
+        vectors, failures = upload.embed(
+            send, payloads, decode=decode, total=total, limits=self._limits, progress=progress,
+            dim=lambda: self._dim if self._dim is not None else self.info().dim,
+        )
+        self._dim = vectors.shape[1]
         if failures:
-            failures.sort(key=lambda f: f.index)
-            for failure in failures:
-                out[failure.index] = np.nan
-            raise BatchError(failures, n, vectors=out)
-        return out
+            raise BatchError(failures, total, vectors=vectors)
+        return vectors
 
     # ---- collections -------------------------------------------------------------------
 
@@ -349,114 +253,14 @@ class Client(AnalysisMixin):
         and raises PartialWriteError; both errors carry ``written_ids`` and
         ``not_written_ids``. Upsert is idempotent, so resending what was not written is safe.
         """
-        given = [
-            name
-            for name, v in (("images", images), ("texts", texts), ("vectors", vectors))
-            if v is not None
-        ]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of images, texts or vectors (got {given or 0})")
+        _exactly_one(images=images, texts=texts, vectors=vectors)
         ids = _strings(ids, "ids", "id")
-        n = len(ids)
-
-        contents: Iterable[Callable[[pb.Item], None]]
-        if texts is not None:
-            if isinstance(texts, str):
-                raise TypeError("texts must be a sequence of strings, not one string")
-            texts = list(texts)
-            _check_length("texts", len(texts), n)
-            for i, text in enumerate(texts):
-                if not isinstance(text, str):
-                    raise TypeError(f"text {i} must be a str, got {type(text).__name__}")
-            contents = (_setter("text", t) for t in texts)
-        elif images is not None:
-            if isinstance(images, (str, bytes, os.PathLike)) or _is_pil_image(images):
-                raise TypeError("images must be a sequence of images, not one image")
-            checked = [_check_image(img, i) for i, img in enumerate(images)]
-            _check_length("images", len(checked), n)
-            contents = (_image_setter(img) for img in checked)
-        else:
-            arr = np.asarray(vectors, dtype=np.float32)
-            if arr.ndim == 1 and arr.size == 0:
-                arr = arr.reshape(0, 0)
-            if arr.ndim != 2:
-                raise ValueError(f"vectors must be 2-D (n, dim), got shape {arr.shape}")
-            _check_length("vectors", arr.shape[0], n)
-            wire = [encode_vector(row) for row in arr]
-            contents = (_setter("vector", v) for v in wire)
-
-        structs: list[struct_pb2.Struct | None] = [None] * n
-        if metadata is not None:
-            metadata = list(metadata)
-            _check_length("metadata", len(metadata), n)
-            structs = [metadata_to_struct(m) if m is not None else None for m in metadata]
-
-        def items() -> Iterator[pb.Item]:
-            for id_, set_content, struct in zip(ids, contents, structs, strict=True):
-                item = pb.Item(id=id_)
-                set_content(item)
-                if struct is not None:
-                    item.metadata.CopyFrom(struct)
-                yield item
-
-        written = 0
-        failures: list[ItemFailure] = []
-        stored: set[int] = set()  # indexes whose request succeeded and item was not refused
-        rpc_error: ClipSearchError | None = None
-        # Keep `pipeline` requests in flight: the server decodes one batch while the model
-        # runs the previous one, instead of idling between round trips.
-        in_flight: collections.deque[tuple[Future, list, int]] = collections.deque()
-
-        def finish_oldest() -> None:
-            nonlocal written, rpc_error
-            future, sendable, count = in_flight.popleft()
-            if sendable:
-                try:
-                    response = future.result()
-                except ClipSearchError as exc:
-                    rpc_error = rpc_error or exc  # send no more; the report comes at the end
-                else:
-                    written += response.upserted
-                    refused = _item_failures(response.errors, sendable)
-                    failures.extend(refused)
-                    stored.update({i for i, _ in sendable} - {f.index for f in refused})
-            bar.update(count)
-
-        with tqdm(total=n, unit="item", disable=not progress) as bar, ThreadPoolExecutor(
-            self.pipeline, thread_name_prefix="clipsearch-upload"
-        ) as pool:
-            for batch in iter_batches(
-                items(), pb.Item.ByteSize, max_items=self.batch_size, max_bytes=self._batch_bytes
-            ):
-                if rpc_error is not None:
-                    break
-                sendable = []
-                for index, item in batch:
-                    size = item.ByteSize()
-                    if size > self._item_limit:
-                        failures.append(_too_large(index, size, self._item_limit))
-                    else:
-                        sendable.append((index, item))
-                future: Future = Future()
-                if sendable:
-                    request = pb.UpsertItemsRequest(
-                        collection=collection, items=[item for _, item in sendable]
-                    )
-                    future = pool.submit(self._call, "UpsertItems", request)
-                in_flight.append((future, sendable, len(batch)))
-                if len(in_flight) >= self.pipeline:
-                    finish_oldest()
-            while in_flight:
-                finish_oldest()
-        failures.sort(key=lambda f: f.index)
-        if rpc_error is not None or failures:
-            written_ids = [id_ for i, id_ in enumerate(ids) if i in stored]
-            not_written_ids = [id_ for i, id_ in enumerate(ids) if i not in stored]
-            if rpc_error is not None:
-                raise PartialWriteError(rpc_error, written_ids, not_written_ids, failures)
-            raise BatchError(failures, n, upserted=written, written_ids=written_ids,
-                             not_written_ids=not_written_ids)
-        return written
+        content = _upsert_content(len(ids), images=images, texts=texts, vectors=vectors)
+        structs = _metadata_structs(len(ids), metadata)
+        return upload.upsert(
+            self._call, collection, ids, content, structs,
+            limits=self._limits, pipeline=self.pipeline, progress=progress,
+        )
 
     def get(
         self, collection: str, ids: Sequence[str], *, include_vectors: bool = False
@@ -544,15 +348,8 @@ class Client(AnalysisMixin):
         Hits come best first. ``ef`` 0 takes the server's default candidate list size.
         ``filter`` (see `clipsearch.filters`) limits the hits to matching items.
         """
-        given = [
-            name
-            for name, v in (("text", text), ("image", image), ("vector", vector), ("id", id))
-            if v is not None
-        ]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of text, image, vector or id (got {given or 0})")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        _exactly_one(text=text, image=image, vector=vector, id=id)
+        _check_k(k)
         if not isinstance(ef, int) or ef < 0:
             raise ValueError(f"ef must be a non-negative integer, got {ef!r}")
         request = pb.SearchRequest(
@@ -573,15 +370,7 @@ class Client(AnalysisMixin):
         else:
             request.image = _query_image(image)
         response = self._call("Search", request)
-        return [
-            Hit(
-                id=hit.id,
-                score=float(hit.score),
-                metadata=struct_to_metadata(hit.metadata),
-                vector=decode_vector(hit.vector) if hit.HasField("vector") else None,
-            )
-            for hit in response.hits
-        ]
+        return [_hit(hit) for hit in response.hits]
 
     # ---- server ------------------------------------------------------------------------
 
@@ -589,66 +378,18 @@ class Client(AnalysisMixin):
         """Describes the loaded model and the server's limits."""
         r = self._call("GetServerInfo", pb.GetServerInfoRequest())
         self._dim = r.dim or self._dim
-        return ServerInfo(
-            model=r.model,
-            pretrained=r.pretrained,
-            checkpoint=r.checkpoint,
-            random_weights=r.random_weights,
-            dim=r.dim,
-            device=r.device,
-            precision=r.precision,
-            model_fingerprint=r.model_fingerprint,
-            version=r.version,
-            max_message_bytes=r.max_message_bytes,
-            max_k=r.max_k,
-            image_size=r.image_size,
-            precision_reason=r.precision_reason,
-            unavailable_collections={u.name: u.reason for u in r.unavailable_collections},
-        )
+        return ServerInfo._from_proto(r)
 
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
 
 
-def _strings(values: Sequence[str], name: str, each: str) -> list[str]:
-    """A list of str, or a TypeError naming the argument (one str is a common slip)."""
-    if isinstance(values, str):
-        raise TypeError(f"{name} must be a sequence of strings, not one string")
-    values = list(values)
-    for i, value in enumerate(values):
-        if not isinstance(value, str):
-            raise TypeError(f"{each} {i} must be a str, got {type(value).__name__}")
-    return values
-
-
 def _read(path: str | os.PathLike[str] | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
 
-def _check_length(name: str, got: int, want: int) -> None:
-    if got != want:
-        raise ValueError(f"{name} has {got} entries but ids has {want}")
-
-
-def _setter(field_name: str, value: Any) -> Callable[[pb.Item], None]:
-    def set_content(item: pb.Item) -> None:
-        if isinstance(value, pb.Vector):
-            item.vector.CopyFrom(value)
-        else:
-            setattr(item, field_name, value)
-
-    return set_content
-
-
 def _id_chunks(ids: Sequence[str]) -> Iterator[list[str]]:
-    if isinstance(ids, str):
-        raise TypeError("ids must be a sequence of strings, not one string")
-    ids = list(ids)
-    for i, id_ in enumerate(ids):
-        if not isinstance(id_, str):
-            raise TypeError(f"id {i} must be a str, got {type(id_).__name__}")
+    ids = _strings(ids, "ids", "id")
     for start in range(0, len(ids), _ID_CHUNK):
         yield ids[start : start + _ID_CHUNK]
-
-

@@ -4,7 +4,7 @@ vectors as little-endian float32 bytes, metadata as google.protobuf.Struct."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,15 @@ class ServerInfo:
     precision_reason: str = ""  # why the server runs in `precision` (auto's choice)
     # Collections on disk the server could not open at start: name -> reason. Not served.
     unavailable_collections: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def _from_proto(cls, r: pb.GetServerInfoResponse) -> ServerInfo:
+        unavailable = {u.name: u.reason for u in r.unavailable_collections}
+        # Every other field is the response's field of the same name.
+        same = {
+            f.name: getattr(r, f.name) for f in fields(cls) if f.name != "unavailable_collections"
+        }
+        return cls(**same, unavailable_collections=unavailable)
 
 
 @dataclass
@@ -141,8 +150,14 @@ def struct_to_metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def _record(item: pb.StoredItem) -> Record:
-    return Record(
-        id=item.id,
-        metadata=struct_to_metadata(item.metadata),
-        vector=decode_vector(item.vector) if item.HasField("vector") else None,
-    )
+    return Record(item.id, *_payload(item))
+
+
+def _hit(hit: pb.Hit) -> Hit:
+    return Hit(hit.id, float(hit.score), *_payload(hit))
+
+
+def _payload(msg: pb.StoredItem | pb.Hit) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The metadata of a stored item or a hit, and its vector when one was sent."""
+    vector = decode_vector(msg.vector) if msg.HasField("vector") else None
+    return struct_to_metadata(msg.metadata), vector
