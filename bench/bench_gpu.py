@@ -132,7 +132,7 @@ def ceiling(model_name: str, device: str, precision: str, batch: int, seconds: f
             ) -> tuple[float, float]:
     """(images/s, texts/s) of the towers alone, inputs already on the GPU."""
     from clipsearch_server.config import Settings
-    from clipsearch_server.model import load_model
+    from clipsearch_server.encoders.local.model import load_model
 
     model = load_model(Settings(model=model_name, pretrained=None, random_weights=True,
                                 device=device, precision=precision))

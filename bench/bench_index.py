@@ -33,10 +33,12 @@ from common import load, machine, ms, progress, section, table
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch_server.config import Settings
-from clipsearch_server.filters import SqlFilter, compile_filter
-from clipsearch_server.index import MANIFEST
-from clipsearch_server.store import NewItem, Store
-from clipsearch_server.stores.local import MAX_BOOSTED_EF, STORE_FILE, Collection, Collections
+from clipsearch_server.stores.base import NewItem
+from clipsearch_server.stores.local import STORE_FILE, Collection, Collections
+from clipsearch_server.stores.local.collection import MAX_BOOSTED_EF
+from clipsearch_server.stores.local.hnsw import MANIFEST
+from clipsearch_server.stores.local.sql_filters import SqlFilter, compile_filter
+from clipsearch_server.stores.local.sqlite import Store
 
 DIM = 512
 K = 10

@@ -21,7 +21,7 @@ from common import load, machine, section, table
 from PIL import Image
 
 from clipsearch_server.config import Settings
-from clipsearch_server.model import load_model
+from clipsearch_server.encoders.local.model import load_model
 
 BATCH = 16
 ROUNDS = 3

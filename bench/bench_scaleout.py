@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import image_queries, make_data
 from common import load, machine, ms, progress, section, start_server, table
 
-from clipsearch_server.store import NewItem
+from clipsearch_server.stores.base import NewItem
 
 DIM = 512
 

@@ -30,10 +30,10 @@ from common import load, machine, ms, progress, section, table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
-from clipsearch_server.index import HnswIndex  # noqa: E402
 from clipsearch_server.launch import with_huge_pages  # noqa: E402
-from clipsearch_server.store import NewItem  # noqa: E402
+from clipsearch_server.stores.base import NewItem  # noqa: E402
 from clipsearch_server.stores.local import Collection  # noqa: E402
+from clipsearch_server.stores.local.hnsw import HnswIndex  # noqa: E402
 
 DIM = 512
 PAUSE_S = 0.002

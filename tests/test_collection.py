@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from clipsearch_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from clipsearch_server.store import NewItem, Store
+from clipsearch_server.stores.base import NewItem
 from clipsearch_server.stores.local import Collections
+from clipsearch_server.stores.local.sqlite import Store
 
 DIM = 32
 

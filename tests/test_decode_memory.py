@@ -16,10 +16,10 @@ from PIL import Image
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 from clipsearch_server.config import Settings
-from clipsearch_server.decode_budget import DecodeBudget
-from clipsearch_server.embedder import Embedder
+from clipsearch_server.encoders.local.decode_budget import DecodeBudget
+from clipsearch_server.encoders.local.embedder import Embedder
+from clipsearch_server.encoders.local.model import load_model
 from clipsearch_server.errors import ResourceExhausted
-from clipsearch_server.model import load_model
 from conftest import ServerProcess
 
 IMAGES = 4096

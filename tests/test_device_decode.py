@@ -22,9 +22,13 @@ from PIL import Image
 from clipsearch import BatchError, Client
 from clipsearch_server.catalog import bundled_config_dir
 from clipsearch_server.config import parse_settings
-from clipsearch_server.device_decode import DeviceJpegDecoder, device_decoder, tensor_steps
+from clipsearch_server.encoders.local.device_decode import (
+    DeviceJpegDecoder,
+    device_decoder,
+    tensor_steps,
+)
+from clipsearch_server.encoders.local.preprocess import ImagePreprocessor
 from clipsearch_server.errors import InvalidArgument
-from clipsearch_server.preprocess import ImagePreprocessor
 from conftest import TEST_DEVICE, TINY_MODEL, ServerProcess, coco_images
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -84,7 +84,7 @@ def test_full_data_dir(tiny_checkpoint: Path, small_disk: Path) -> None:
 
 
 def test_a_snapshot_on_a_full_disk_leaves_no_temporary_files(small_disk: Path) -> None:
-    from clipsearch_server.index import HnswIndex
+    from clipsearch_server.stores.local.hnsw import HnswIndex
 
     folder = small_disk / "graph"
     index = HnswIndex(folder, DIM, 16, 100)

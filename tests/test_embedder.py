@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from clipsearch_server.batcher import BULK, INTERACTIVE, Batcher
 from clipsearch_server.config import Settings
-from clipsearch_server.embedder import Embedder
+from clipsearch_server.encoders.local.batcher import BULK, INTERACTIVE, Batcher
+from clipsearch_server.encoders.local.embedder import Embedder
+from clipsearch_server.encoders.local.model import load_model
 from clipsearch_server.errors import DeadlineExceeded, ResourceExhausted
-from clipsearch_server.model import load_model
 from clipsearch_server.observability import Metrics
 
 

@@ -12,9 +12,10 @@ from test_stores import ITEMS
 from clipsearch import to_filter
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch_server.errors import InvalidArgument
-from clipsearch_server.filters import compile_filter
-from clipsearch_server.store import NewItem, Store
+from clipsearch_server.stores.base import NewItem
 from clipsearch_server.stores.local import Collections
+from clipsearch_server.stores.local.sql_filters import compile_filter
+from clipsearch_server.stores.local.sqlite import Store
 
 
 @pytest.fixture()

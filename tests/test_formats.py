@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from clipsearch import BatchError, Client
 from clipsearch_server.errors import InvalidArgument
 from clipsearch_server.formats import ACCEPTED_FORMATS
-from clipsearch_server.preprocess import decode_image
+from clipsearch_server.images import decode_image
 from conftest import coco_images
 
 LIMIT = 40_000_000

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from clipsearch_server.config import Settings
-from clipsearch_server.model import load_model
-from clipsearch_server.preprocess import ImagePreprocessor
+from clipsearch_server.encoders.local.model import load_model
+from clipsearch_server.encoders.local.preprocess import ImagePreprocessor
 from conftest import coco_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from clipsearch import Client
-from clipsearch.client import metadata_to_struct
 from clipsearch.filters import stored_time
+from clipsearch.results import metadata_to_struct
 
 UTC = dt.timezone.utc
 PARIS_SUMMER = dt.timezone(dt.timedelta(hours=2))

@@ -21,7 +21,8 @@ import torch
 
 from clipsearch_server import catalog, config
 from clipsearch_server.config import Settings, parse_settings
-from clipsearch_server.model import ClipModel, ModelLoadError, load_model
+from clipsearch_server.encoders.local.model import ClipModel, load_model
+from clipsearch_server.errors import ModelLoadError
 from conftest import TINY_MODEL, save_tiny_checkpoint
 
 TEXTS = ["a photo of a dog", "two people riding horses on a beach", "x", "long caption " * 40]
@@ -258,7 +259,8 @@ OFFLINE_SCRIPT = textwrap.dedent("""
 
     import huggingface_hub.constants
     from clipsearch_server.config import Settings
-    from clipsearch_server.model import ModelLoadError, load_model
+    from clipsearch_server.errors import ModelLoadError
+    from clipsearch_server.encoders.local.model import load_model
 
     assert huggingface_hub.constants.is_offline_mode(), "HF_HUB_OFFLINE was not honoured"
     settings = Settings(model=sys.argv[1], pretrained=sys.argv[2], device="cpu",

@@ -82,7 +82,8 @@ def test_unusable_cache_dir_is_named(tmp_path: Path) -> None:
 def test_the_check_itself_takes_seconds(tmp_path: Path) -> None:
     script = (
         "import sys, time\n"
-        "from clipsearch_server.preflight import WeightsUnavailable, check_weights_reachable\n"
+        "from clipsearch_server.encoders.local.preflight import (\n"
+        "    WeightsUnavailable, check_weights_reachable)\n"
         "t = time.monotonic()\n"
         "try:\n"
         "    check_weights_reachable('ViT-B-32', 'laion2b_s34b_b79k', None)\n"
@@ -101,7 +102,8 @@ def test_behind_a_proxy_the_proxy_is_what_must_answer(tmp_path: Path) -> None:
            "HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}", "NO_PROXY": ""}
     script = (
         "import sys\n"
-        "from clipsearch_server.preflight import WeightsUnavailable, check_weights_reachable\n"
+        "from clipsearch_server.encoders.local.preflight import (\n"
+        "    WeightsUnavailable, check_weights_reachable)\n"
         "try:\n"
         "    check_weights_reachable('ViT-B-32', 'laion2b_s34b_b79k', None)\n"
         "except WeightsUnavailable as exc:\n"

@@ -18,8 +18,9 @@ from clipsearch import Client, ClipSearchError
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 from clipsearch_server.errors import InvalidArgument
-from clipsearch_server.store import Store
-from clipsearch_server.stores.local import STORE_FILE, check_name
+from clipsearch_server.stores.base import check_name
+from clipsearch_server.stores.local import STORE_FILE
+from clipsearch_server.stores.local.sqlite import Store
 from conftest import TINY_MODEL, ServerProcess
 
 DIM = 64

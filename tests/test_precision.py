@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from clipsearch_server.config import Settings
-from clipsearch_server.model import ClipModel, load_model
-from clipsearch_server.precision import choose_precision, cpu_flags, native_cpu_bf16
+from clipsearch_server.encoders.local.model import ClipModel, load_model
+from clipsearch_server.encoders.local.precision import choose_precision, cpu_flags, native_cpu_bf16
 from conftest import coco_images
 
 MIN_COSINE = 0.999

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from clipsearch_server.catalog import bundled_config_dir
+from clipsearch_server.encoders.local.preprocess import DRAFT_OVERSAMPLE, ImagePreprocessor
 from clipsearch_server.errors import InvalidArgument
-from clipsearch_server.preprocess import DRAFT_OVERSAMPLE, ImagePreprocessor, decode_image
+from clipsearch_server.images import decode_image
 from conftest import TINY_MODEL, coco_images
 
 LIMIT = 40_000_000

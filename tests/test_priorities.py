@@ -13,9 +13,9 @@ import threading
 
 import pytest
 
-from clipsearch_server import index as index_module
 from clipsearch_server.launch import huge_pages_available
 from clipsearch_server.priority import BULK_NICE, background_pool
+from clipsearch_server.stores.local import snapshot_child
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="per-thread nice values and SCHED_IDLE are Linux's")
@@ -38,21 +38,21 @@ def test_bulk_pool_threads_run_below_the_caller() -> None:
 def test_the_snapshot_child_takes_only_idle_time() -> None:
     pid = os.fork()
     if pid == 0:
-        index_module._idle_priority()
+        snapshot_child.idle_priority()
         os._exit(0 if os.sched_getscheduler(0) == os.SCHED_IDLE else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_old_snapshot_files_are_removed_in_steps(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(index_module, "WRITE_BACK_BYTES", 1000)
+    monkeypatch.setattr(snapshot_child, "WRITE_BACK_BYTES", 1000)
     big = tmp_path / "index-1.hnsw"
     big.write_bytes(os.urandom(10_500))
     sizes: list[int] = []
     real_truncate = os.ftruncate
     monkeypatch.setattr(os, "ftruncate", lambda fd, n: sizes.append(n) or real_truncate(fd, n))
-    index_module._remove_gradually(big)
-    index_module._remove_gradually(big)  # already gone: nothing to do
+    snapshot_child.remove_gradually(big)
+    snapshot_child.remove_gradually(big)  # already gone: nothing to do
     assert not big.exists()
     assert sizes == list(range(9_500, 0, -1000))
 

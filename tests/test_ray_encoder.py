@@ -16,16 +16,16 @@ import ray
 from ray_cluster import RayCluster, tiny_model_args
 
 from clipsearch_server.config import parse_settings
-from clipsearch_server.embedder import Embedded
+from clipsearch_server.encoders.base import Embedded
 from clipsearch_server.encoders.local import LocalEncoder
 from clipsearch_server.encoders.ray_serve import RayEncoder
 from clipsearch_server.errors import (
     DeadlineExceeded,
     InvalidArgument,
+    ModelLoadError,
     ResourceExhausted,
     Unavailable,
 )
-from clipsearch_server.model import ModelLoadError
 from conftest import RAY_APP, RAY_TIGHT_APP, coco_images
 
 APP, TIGHT = RAY_APP, RAY_TIGHT_APP  # deployed by conftest's session cluster

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from clipsearch import BatchError, Client, ClipSearchError
-from clipsearch_server.precision import choose_precision
+from clipsearch_server.encoders.local.precision import choose_precision
 from conftest import TEST_DEVICE, Engine, ServerProcess, coco_images, save_tiny_checkpoint
 
 
@@ -248,6 +248,17 @@ def test_health_and_reflection_work_without_our_stubs(server: ServerProcess) -> 
         assert "clipsearch.v1.ClipSearchService" in database.get_services()
         described = database.FindFileContainingSymbol("clipsearch.v1.ClipSearchService")
         assert "Search" in [m.name for m in described.service[0].method]
+
+
+def test_a_ray_milvus_front_does_not_map_libtorch(server: ServerProcess, engine: Engine) -> None:
+    """With both engines remote the front holds no model: torch never loads in it (issue 20)."""
+    if engine.name != "ray+milvus":
+        pytest.skip("this server runs the model in its own process")
+    assert server.proc is not None
+    with open(f"/proc/{server.proc.pid}/maps") as maps:
+        mapped = {line.split()[-1] for line in maps if "/" in line}
+    torch_files = [path for path in mapped if "/torch/" in path or "libtorch" in path]
+    assert torch_files == []
 
 
 def test_everything_survives_a_restart(engine: Engine, tiny_checkpoint, tmp_path) -> None:

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from clipsearch import Client
-from clipsearch_server import index as index_module
-from clipsearch_server.index import MANIFEST
-from clipsearch_server.store import NewItem
-from clipsearch_server.stores.local import Collection, Collections
+from clipsearch_server.stores.base import NewItem
+from clipsearch_server.stores.local import Collection, Collections, snapshot_child
+from clipsearch_server.stores.local.hnsw import MANIFEST
 from conftest import ServerProcess
 
 DIM = 64  # the tiny model's
@@ -118,7 +117,7 @@ def test_shutdown_saves_in_process_most_unsaved_first_and_skips_what_is_out_of_t
     def no_fork(*_: object) -> None:
         raise AssertionError("a shutdown snapshot forked")
 
-    monkeypatch.setattr(index_module, "_save_in_child", no_fork)
+    monkeypatch.setattr(snapshot_child, "start", no_fork)
     order: list[str] = []
     real = Collection.snapshot
 
@@ -127,7 +126,7 @@ def test_shutdown_saves_in_process_most_unsaved_first_and_skips_what_is_out_of_t
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Collection, "snapshot", recording)
-    monkeypatch.setattr("clipsearch_server.stores.local.SHUTDOWN_THREADS", 1)
+    monkeypatch.setattr("clipsearch_server.stores.local.registry.SHUTDOWN_THREADS", 1)
     reg.snapshot_all(budget_s=60)
     assert order == ["large", "medium", "small"]
     assert all((tmp_path / "collections" / name / MANIFEST).exists() for name in vectors)

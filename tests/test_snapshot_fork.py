@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipsearch_server import index as index_module
-from clipsearch_server.index import MANIFEST, HnswIndex
-from clipsearch_server.stores.local import Collection, Collections
+from clipsearch_server.stores.local import Collection, Collections, snapshot_child
+from clipsearch_server.stores.local.hnsw import MANIFEST, HnswIndex
 
 pytestmark = pytest.mark.skipif(not HnswIndex.save_in_child,
                                 reason="snapshots are written in-process on this platform")
@@ -34,7 +33,7 @@ def collection(root: Path) -> Collection:
 
 
 def add(col: Collection, vectors: np.ndarray, start: int) -> None:
-    from clipsearch_server.store import NewItem
+    from clipsearch_server.stores.base import NewItem
 
     col.upsert([NewItem(f"i{start + i}", v, {}) for i, v in enumerate(vectors)])
 
@@ -88,10 +87,10 @@ def test_a_failed_save_raises_and_leaves_the_last_good_snapshot(tmp_path, monkey
         os.close(write_end)
         return pid, read_end
 
-    monkeypatch.setattr(index_module, "_save_in_child", dying_child)
+    monkeypatch.setattr(snapshot_child, "start", dying_child)
     with col.index.lock.write():
         pending = col.index.begin_save()
-    with pytest.raises(index_module.ChildSaveFailed, match="exit status 3"):
+    with pytest.raises(snapshot_child.ChildSaveFailed, match="exit status 3"):
         col.index.finish_save(pending)
     assert json.loads((col.folder / MANIFEST).read_text()) == good
     # A snapshot whose child dies is saved in-process instead.

@@ -15,8 +15,7 @@ import pytest
 
 from clipsearch import to_filter
 from clipsearch_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from clipsearch_server.store import NewItem
-from clipsearch_server.stores.base import CollectionRegistry
+from clipsearch_server.stores.base import CollectionRegistry, NewItem
 
 UTC = dt.timezone.utc
 DIM = 8

@@ -7,9 +7,13 @@ import open_clip
 import pytest
 import torch
 
-from clipsearch_server import model as model_module
 from clipsearch_server.config import Settings
-from clipsearch_server.model import encode_text_trimmed, load_model, supports_text_trimming
+from clipsearch_server.encoders.local import model as model_module
+from clipsearch_server.encoders.local.model import (
+    encode_text_trimmed,
+    load_model,
+    supports_text_trimming,
+)
 
 TEXTS = ["x", "a dog", "two people riding horses on a beach at sunset, photographed from afar",
          "word " * 100]  # the last is cut at the 77-token context, like open_clip does

@@ -8,23 +8,18 @@ in threads. Every RPC is read-only except Cluster with a `metadata_key`.
 
 from __future__ import annotations
 
-import base64
-import collections
-import functools
-import math
 import re
-import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 
-from . import analysis
-from .errors import InvalidArgument, NotFound, ResourceExhausted
+from . import analysis, wire
+from .errors import ClipSearchError, InvalidArgument, NotFound, ResourceExhausted
 from .heavy_work import HeavyCall
+from .lru import LruCache
 from .reply_budget import ReplyBudget
 from .stores.base import CollectionStore as Collection
 
@@ -43,8 +38,7 @@ LABEL_CACHE_SIZE = 20_000
 DEFAULT_DUPLICATE_THRESHOLD = 0.95
 DEFAULT_NEIGHBOURS = 10
 MAX_NEIGHBOURS = 100
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
+DUPLICATES_CACHE_SIZE = 4  # whole result sets, so that paging one does not redo the work
 MAX_CLUSTERS = 1000
 MAX_CENTRAL = 100
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -54,31 +48,18 @@ _STRATEGIES = {
     pb.RECOMMEND_STRATEGY_BEST_SCORE: pb.RECOMMEND_STRATEGY_BEST_SCORE,
 }
 
-Resp = TypeVar("Resp")
-
-
-def _rpc(method: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
-    """The servicer's own error mapping (service.grpc_errors), looked up when called."""
-
-    @functools.wraps(method)
-    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Resp:
-        return await svc.grpc_errors(method)(self, request, context)
-
-    return call
-
 
 class AnalysisRpcs:
-    """Mixin of ClipSearchServicer: uses its settings, model, embedder and collections."""
+    """Mixin of ClipSearchServicer: uses its settings, model, collections, heavy-work pool,
+    `_embed_texts`, `_embed_images` and `_check_count`."""
 
     # --- Recommend ------------------------------------------------------------------------
-    @_rpc
+    @wire.grpc_errors
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                         ) -> pb.RecommendResponse:
         s = self.settings
-        if not 1 <= request.k <= s.max_k:
-            raise InvalidArgument(f"k must be 1..{s.max_k}, not {request.k}", "k")
-        if request.ef > s.max_ef:
-            raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}", "ef")
+        wire.check_k(request.k, s.max_k)
+        wire.check_ef(request.ef, s.max_ef)
         if not request.positives:
             raise InvalidArgument("positives is empty: give at least one example", "positives")
         if len(request.positives) + len(request.negatives) > MAX_EXAMPLES:
@@ -93,8 +74,8 @@ class AnalysisRpcs:
         if strategy is None:
             raise InvalidArgument(f"unknown strategy {request.strategy}", "strategy")
         collection = self.collections.get(request.collection)
-        where = svc._where(request, collection)
-        deadline = svc._deadline(context)
+        where = wire.where(request, collection)
+        deadline = wire.deadline(context)
         async with self.heavy.call(context, deadline) as call:
             positives, pos_ids = await self._examples(collection, request.positives,
                                                       "positives", deadline, call)
@@ -119,8 +100,8 @@ class AnalysisRpcs:
         budget = ReplyBudget(s.max_message_bytes)
         entries = []
         for h, score in hits:
-            entry = pb.Hit(id=h.id, score=score, metadata=svc._struct(h.metadata),
-                           vector=svc._vector(h.vector) if request.include_vectors else None)
+            entry = pb.Hit(id=h.id, score=score, metadata=wire.struct(h.metadata),
+                           vector=wire.vector(h.vector) if request.include_vectors else None)
             budget.add(entry, len(entries), "hits")
             entries.append(entry)
         return pb.RecommendResponse(hits=entries)
@@ -142,7 +123,7 @@ class AnalysisRpcs:
             elif kind == "image":
                 images.append((i, example.image))
             elif kind == "vector":
-                rows[i] = svc._unit_vector(example.vector, collection.dim,
+                rows[i] = wire.unit_vector(example.vector, collection.dim,
                                            f"{field}[{i}].vector")
             else:
                 raise InvalidArgument(f"{field}[{i}] is empty: set id, text, image or vector",
@@ -165,12 +146,12 @@ class AnalysisRpcs:
         return matrix.astype(np.float32, copy=False), list(ids.values())
 
     # --- Classify -------------------------------------------------------------------------
-    @_rpc
+    @wire.grpc_errors
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
                        ) -> pb.ClassifyResponse:
         self._check_count(len(request.inputs), "inputs")
         labels, templates = _check_labels(list(request.labels), list(request.templates))
-        deadline = svc._deadline(context)
+        deadline = wire.deadline(context)
         async with self.heavy.call(context, deadline) as call:
             return await self._classify(request, labels, templates, deadline, call)
 
@@ -197,12 +178,10 @@ class AnalysisRpcs:
             vectors.update(await _stored_vectors(collection, ids, "inputs", call))
         label_vectors = await self._label_vectors(labels, templates, deadline)
         embedded = await self._embed_images([b for _, b in images], deadline)
-        errors = []
+        errors: dict[int, ClipSearchError] = {}
         for row, (i, _) in enumerate(images):
             if row in embedded.errors:
-                e = embedded.errors[row]
-                errors.append(pb.ItemError(index=i, code=grpc.StatusCode[e.code_name].value[0],
-                                           message=str(e)))
+                errors[i] = embedded.errors[row]
             else:
                 vectors[i] = embedded.vectors[row]
         order = sorted(vectors)
@@ -218,8 +197,8 @@ class AnalysisRpcs:
                 top = sorted(range(len(labels)), key=lambda j, p=p: (-p[j], j))[:top_n]
                 results.append(pb.Classification(index=i, scores=scores,
                                                   top=[scores[j] for j in top]))
-        errors.sort(key=lambda e: e.index)
-        return pb.ClassifyResponse(results=results, errors=errors, logit_scale=scale)
+        return pb.ClassifyResponse(results=results, errors=wire.item_errors(errors),
+                                   logit_scale=scale)
 
     @property
     def logit_scale(self) -> float:
@@ -229,7 +208,7 @@ class AnalysisRpcs:
     async def _label_vectors(self, labels: list[str], templates: list[str],
                              deadline: float | None) -> np.ndarray:
         """One unit vector per label, from the cache or embedded now (all prompts at once)."""
-        cache = self._label_cache()
+        cache = self._cache("_analysis_label_cache", LABEL_CACHE_SIZE)
         key = (self.model.fingerprint, tuple(templates))
         out: dict[int, np.ndarray] = {}
         todo = []
@@ -252,35 +231,28 @@ class AnalysisRpcs:
                 cache.put((*key, labels[i]), vector)
         return np.stack([out[i] for i in range(len(labels))])
 
-    def _label_cache(self) -> _LruCache:
-        cache = self.__dict__.get("_analysis_label_cache")
+    def _cache(self, name: str, size: int) -> LruCache:
+        """One of the mixin's caches, made on first use (the mixin has no __init__)."""
+        cache = self.__dict__.get(name)
         if cache is None:
-            cache = self.__dict__.setdefault("_analysis_label_cache",
-                                             _LruCache(LABEL_CACHE_SIZE))
+            cache = self.__dict__.setdefault(name, LruCache(size))
         return cache
 
     # --- FindDuplicates -------------------------------------------------------------------
-    @_rpc
+    @wire.grpc_errors
     async def FindDuplicates(self, request: pb.FindDuplicatesRequest,
                              context: grpc.aio.ServicerContext) -> pb.FindDuplicatesResponse:
         threshold = (request.threshold if request.HasField("threshold")
                      else DEFAULT_DUPLICATE_THRESHOLD)
         if not 0.0 < threshold <= 1.0:  # NaN fails too
             raise InvalidArgument(f"threshold must be in (0, 1], not {threshold}", "threshold")
-        neighbours = request.neighbors or DEFAULT_NEIGHBOURS
-        if neighbours > MAX_NEIGHBOURS:
-            raise InvalidArgument(f"neighbors must be 0 (default) to {MAX_NEIGHBOURS}, not "
-                                  f"{neighbours}", "neighbors")
-        if request.ef > self.settings.max_ef:
-            raise InvalidArgument(
-                f"ef must be 0 (default) to {self.settings.max_ef}, not {request.ef}", "ef")
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        if size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be 0 (default) to {MAX_PAGE_SIZE}, not {size}",
-                                  "page_size")
-        offset = _decode_offset(request.page_token) if request.page_token else 0
+        neighbours = (wire.at_most(request.neighbors, MAX_NEIGHBOURS, "neighbors")
+                      or DEFAULT_NEIGHBOURS)
+        wire.check_ef(request.ef, self.settings.max_ef)
+        size = wire.page_size(request.page_size)
+        offset = wire.decode_offset_token(request.page_token) if request.page_token else 0
         collection = self.collections.get(request.collection)
-        where = svc._where(request, collection)
+        where = wire.where(request, collection)
         ef = request.ef or self.settings.default_ef
         count, reach, limit = collection.info().count, max(ef, neighbours + 1), \
             self.settings.max_duplicates_work
@@ -292,10 +264,10 @@ class AnalysisRpcs:
         version = collection.cache_version()
         key = (collection.name, id(collection), version, threshold, neighbours, ef,
                request.filter.SerializeToString(deterministic=True))
-        cache = self._duplicates_cache()
+        cache = self._cache("_analysis_duplicates_cache", DUPLICATES_CACHE_SIZE)
         result = cache.get(key) if version is not None else None
         if result is None:
-            async with self.heavy.call(context, svc._deadline(context)) as call:
+            async with self.heavy.call(context, wire.deadline(context)) as call:
                 result = await call.run(collection.find_duplicates, where, threshold,
                                         neighbours, ef, call.check)
             if version is not None:
@@ -315,39 +287,29 @@ class AnalysisRpcs:
             groups.append(group)
         end = offset + len(groups)
         return pb.FindDuplicatesResponse(
-            groups=groups, next_page_token=_encode_offset(end) if end < len(result.groups) else "",
+            groups=groups,
+            next_page_token=wire.encode_offset_token(end) if end < len(result.groups) else "",
             total_groups=len(result.groups), items_compared=result.compared)
 
-    def _duplicates_cache(self) -> _LruCache:
-        cache = self.__dict__.get("_analysis_duplicates_cache")
-        if cache is None:
-            cache = self.__dict__.setdefault("_analysis_duplicates_cache", _LruCache(4))
-        return cache
-
     # --- Cluster --------------------------------------------------------------------------
-    @_rpc
+    @wire.grpc_errors
     async def Cluster(self, request: pb.ClusterRequest, context: grpc.aio.ServicerContext
                       ) -> pb.ClusterResponse:
-        n = request.n_clusters
-        if not 2 <= n <= MAX_CLUSTERS:
-            raise InvalidArgument(f"n_clusters must be 2..{MAX_CLUSTERS}, not {n}", "n_clusters")
-        top_n = request.top_n or DEFAULT_TOP_N
-        if top_n > MAX_CENTRAL:
-            raise InvalidArgument(f"top_n must be 0 (default) to {MAX_CENTRAL}, not {top_n}",
-                                  "top_n")
+        n = wire.in_range(request.n_clusters, 2, MAX_CLUSTERS, "n_clusters")
+        top_n = wire.at_most(request.top_n, MAX_CENTRAL, "top_n") or DEFAULT_TOP_N
         key = request.metadata_key
         if key and not METADATA_KEY.match(key):
             raise InvalidArgument(f"metadata_key {key!r} must be 1 to 64 letters, digits, '_' "
                                   "or '-'", "metadata_key")
         collection = self.collections.get(request.collection)
-        where = svc._where(request, collection)
+        where = wire.where(request, collection)
         count = collection.info().count
         if count * n > self.settings.max_cluster_work:
             raise ResourceExhausted(
                 f"{n} clusters of {count} items is over this server's limit (--max-cluster-work "
                 f"{self.settings.max_cluster_work} items x clusters): ask for fewer clusters, "
                 "or narrow the set with a filter")
-        async with self.heavy.call(context, svc._deadline(context)) as call:
+        async with self.heavy.call(context, wire.deadline(context)) as call:
             labels, vectors = await call.run(collection.read_vectors, where)
             if n > len(labels):
                 raise InvalidArgument(f"n_clusters is {n}, more than the {len(labels)} items "
@@ -366,12 +328,12 @@ class AnalysisRpcs:
         budget = ReplyBudget(self.settings.max_message_bytes)
         groups = []
         for c, (rows, scores) in enumerate(central):
-            hits = [pb.Hit(id=r.id, score=float(score), metadata=svc._struct(r.metadata))
+            hits = [pb.Hit(id=r.id, score=float(score), metadata=wire.struct(r.metadata))
                     for row, score in zip(rows.tolist(), scores.tolist(), strict=True)
                     if (r := records.get(_key(labels[row]))) is not None]
             group = pb.ClusterGroup(
                 cluster=c, size=int(sizes[c]), central=hits,
-                centroid=(svc._vector(clustering.centroids[c]) if request.include_centroids
+                centroid=(wire.vector(clustering.centroids[c]) if request.include_centroids
                           else None))
             budget.add(group, len(groups), "clusters")
             groups.append(group)
@@ -383,29 +345,6 @@ class AnalysisRpcs:
 def _key(value: Any) -> Any:
     """A store key as a plain Python value (numpy integers become ints)."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-class _LruCache:
-    """A small thread-safe LRU map."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
 
 
 async def _stored_vectors(collection: Collection, ids: dict[int, str], field: str,
@@ -449,25 +388,3 @@ def _check_labels(labels: list[str], templates: list[str]) -> tuple[list[str], l
                                   "(where the label goes) and no other braces",
                                   f"templates[{i}]")
     return labels, templates
-
-
-def _encode_offset(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"dup:{offset}".encode()).decode()
-
-
-def _decode_offset(token: str) -> int:
-    try:
-        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-        kind, _, number = text.partition(":")
-        offset = int(number)
-        if kind != "dup" or offset < 0 or not math.isfinite(offset):
-            raise ValueError(text)
-        return offset
-    except (ValueError, UnicodeError):
-        raise InvalidArgument("page_token is not one this server handed out",
-                              "page_token") from None
-
-
-# Imported last: service imports this module for the mixin, and this module uses service's
-# helpers (error mapping, filters, vectors) only when a call runs.
-from . import service as svc  # noqa: E402

@@ -27,10 +27,9 @@ from .auth import BearerTokenInterceptor, TokenTable, load_tokens, server_creden
 from .config import Settings, parse_settings
 from .datadir import DataDirBusy, DataDirLock, raise_descriptor_limit
 from .encoders import open_encoder
-from .errors import ClipSearchError
+from .errors import ClipSearchError, ModelLoadError
 from .http_limits import grpc_connection_options
 from .http_server import HttpApp, HttpServer
-from .model import ModelLoadError
 from .observability import Metrics, ObservabilityInterceptor, configure_logging
 from .service import ClipSearchServicer
 from .stores import CollectionRegistry, open_collections

@@ -48,6 +48,14 @@ class DeadlineExceeded(ClipSearchError):
     code_name = "DEADLINE_EXCEEDED"
 
 
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message says what to do about it.
+
+    Raised at start-up by either encoder (the local model, or a Ray app that cannot be found),
+    never mapped to a status: the server logs it and exits 2.
+    """
+
+
 # SQLite result codes (sqlite3.Error.sqlite_errorname) of a data dir that cannot take a write.
 _SQLITE_FULL = ("SQLITE_FULL",)
 _SQLITE_UNWRITABLE = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM")

@@ -3,7 +3,7 @@
 Pillow decodes JPEG, PNG, WebP, GIF, BMP and TIFF itself, and AVIF (Android's newer default)
 from 11.3 on. HEIC/HEIF (the iPhone's default) comes from the pillow-heif plugin and JPEG XL
 from pillow-jxl-plugin; both register themselves as Pillow formats, so the header check, pixel
-budget, EXIF orientation and colour handling in preprocess apply to them unchanged.
+budget, EXIF orientation and colour handling in images.py apply to them unchanged.
 
 Motion photos (a still JPEG or HEIC followed by a video) and Ultra HDR JPEGs (a still JPEG
 plus a gain map as a second MPF picture) decode as their still image: Pillow stops at the

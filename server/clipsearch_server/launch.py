@@ -1,9 +1,10 @@
 """Process start-up: back large allocations with huge pages, then run the app.
 
-A snapshot forks the server (index.py), and fork copies the page tables of every mapped page:
-with hnswlib's graph on 4 KiB pages that is 10-25 ms of stall at 200k items, during which no
-thread runs. glibc puts its large allocations on transparent huge pages when the tunable
-`glibc.malloc.hugetlb=1` is set, which cuts the fork to 1-2 ms (bench/bench_snapshot.py).
+A snapshot forks the server (stores/local/snapshot_child.py), and fork copies the page tables
+of every mapped page: with hnswlib's graph on 4 KiB pages that is 10-25 ms of stall at 200k
+items, during which no thread runs. glibc puts its large allocations on transparent huge
+pages when the tunable `glibc.malloc.hugetlb=1` is set, which cuts the fork to 1-2 ms
+(bench/bench_snapshot.py).
 The tunable is read only when a process starts, so the entry points set it and re-execute the
 same command once. Set CLIPSEARCH_HUGE_PAGES=0 to keep the process as started.
 """

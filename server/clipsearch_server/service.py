@@ -1,35 +1,25 @@
-"""The gRPC servicer: validates requests, maps proto <-> domain, maps errors to status codes.
+"""The gRPC servicer: validates requests and maps proto <-> domain.
 
-No business logic lives here; collections, the embedder and the model do the work. Blocking
-work (SQLite, hnswlib) runs in threads so the event loop keeps serving.
+No business logic lives here; collections, the embedder and the model do the work. The wire's
+shared pieces (status mapping, codecs, id and limit checks) are in `wire`. Blocking work
+(SQLite, hnswlib) runs in threads so the event loop keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
-import json
-import logging
-import math
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 import grpc
 import numpy as np
-from google.protobuf import any_pb2, json_format, struct_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
-from . import __version__
+from . import __version__, wire
 from .analysis_rpcs import AnalysisRpcs
 from .config import Settings
-from .embedder import Embedded
-from .encoders import Encoder, ModelInfo
+from .encoders import Embedded, Encoder, ModelInfo
 from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
 from .heavy_work import HeavyWork
 from .priority import background_pool
@@ -39,41 +29,7 @@ from .stores.base import CollectionInfo, NewItem, Record, check_name
 from .stores.base import CollectionStore as Collection
 from .thumbnails import DEFAULT_THUMBNAIL_SIZE, check_size, make_thumbnails
 
-log = logging.getLogger(__name__)
-
-MAX_ID_CHARS = 512
-MAX_METADATA_BYTES = 64 * 1024
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-
 Ctx = grpc.aio.ServicerContext
-Resp = TypeVar("Resp")
-
-
-def grpc_errors(method: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
-    """Turn domain errors into their status codes and anything unexpected into INTERNAL."""
-
-    @functools.wraps(method)
-    async def wrapper(self: ClipSearchServicer, request: Any, context: grpc.aio.ServicerContext
-                      ) -> Resp:
-        try:
-            return await method(self, request, context)
-        except ClipSearchError as exc:
-            code = grpc.StatusCode[exc.code_name]
-            if exc.field is None:
-                await context.abort(code, str(exc))
-            status = _status_with_field(code, str(exc), exc.field)
-            await context.abort(status.code, status.details, status.trailing_metadata)
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        raise AssertionError("unreachable")
-
-    return wrapper
 
 
 class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
@@ -109,32 +65,31 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         return self._collections
 
     # --- embedding ------------------------------------------------------------------------
-    @grpc_errors
+    @wire.grpc_errors
     async def EmbedTexts(self, request: pb.EmbedTextsRequest, context: Ctx
                          ) -> pb.EmbedTextsResponse:
         self._check_count(len(request.texts), "texts")
-        embedded = await self.embedder.embed_texts(list(request.texts), _deadline(context))
-        return pb.EmbedTextsResponse(vectors=_matrix(embedded.vectors),
-                                     errors=_item_errors(embedded))
+        embedded = await self.embedder.embed_texts(list(request.texts), wire.deadline(context))
+        return pb.EmbedTextsResponse(vectors=wire.matrix(embedded.vectors),
+                                     errors=wire.item_errors(embedded.errors))
 
-    @grpc_errors
+    @wire.grpc_errors
     async def EmbedImages(self, request: pb.EmbedImagesRequest, context: Ctx
                           ) -> pb.EmbedImagesResponse:
         self._check_count(len(request.images), "images")
-        embedded = await self.embedder.embed_images(list(request.images), _deadline(context))
-        return pb.EmbedImagesResponse(vectors=_matrix(embedded.vectors),
-                                      errors=_item_errors(embedded))
+        embedded = await self.embedder.embed_images(list(request.images), wire.deadline(context))
+        return pb.EmbedImagesResponse(vectors=wire.matrix(embedded.vectors),
+                                      errors=wire.item_errors(embedded.errors))
 
     # --- collections ----------------------------------------------------------------------
-    @grpc_errors
+    @wire.grpc_errors
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Ctx
                                ) -> pb.CreateCollectionResponse:
         m, efc = request.hnsw.m, request.hnsw.ef_construction
-        if m and not 2 <= m <= 128:
-            raise InvalidArgument(f"hnsw.m must be 2..128, not {m}", "hnsw.m")
-        if efc and not 1 <= efc <= 4096:
-            raise InvalidArgument(f"hnsw.ef_construction must be 1..4096, not {efc}",
-                                  "hnsw.ef_construction")
+        if m:
+            wire.in_range(m, 2, 128, "hnsw.m")
+        if efc:
+            wire.in_range(efc, 1, 4096, "hnsw.ef_construction")
         thumbs = (request.thumbnail_size if request.HasField("thumbnail_size")
                   else DEFAULT_THUMBNAIL_SIZE)
         check_size(thumbs)
@@ -142,7 +97,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
                                              False, thumbs)
         return pb.CreateCollectionResponse(collection=_collection_info(collection.info()))
 
-    @grpc_errors
+    @wire.grpc_errors
     async def ListCollections(self, request: pb.ListCollectionsRequest, context: Ctx
                               ) -> pb.ListCollectionsResponse:
         infos = []
@@ -153,20 +108,20 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
                 continue  # dropped meanwhile
         return pb.ListCollectionsResponse(collections=infos)
 
-    @grpc_errors
+    @wire.grpc_errors
     async def GetCollection(self, request: pb.GetCollectionRequest, context: Ctx
                             ) -> pb.GetCollectionResponse:
         info = self.collections.get(request.name).info()
         return pb.GetCollectionResponse(collection=_collection_info(info))
 
-    @grpc_errors
+    @wire.grpc_errors
     async def DropCollection(self, request: pb.DropCollectionRequest, context: Ctx
                              ) -> pb.DropCollectionResponse:
         dropped = await asyncio.to_thread(self.collections.drop, request.name)
         return pb.DropCollectionResponse(dropped=dropped)
 
     # --- items ----------------------------------------------------------------------------
-    @grpc_errors
+    @wire.grpc_errors
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context: Ctx
                           ) -> pb.UpsertItemsResponse:
         self._check_count(len(request.items), "items")
@@ -182,22 +137,22 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         texts: list[tuple[int, str]] = []
         for i, item in enumerate(request.items):
             try:
-                _check_id(item.id)
-                metadata[i] = _metadata_dict(item.metadata)
+                wire.check_id(item.id)
+                metadata[i] = wire.metadata_dict(item.metadata)
                 kind = item.WhichOneof("content")
                 if kind == "image":
                     images.append((i, item.image))
                 elif kind == "text":
                     texts.append((i, item.text))
                 elif kind == "vector":
-                    vectors[i] = _unit_vector(item.vector, dim, f"items[{i}].vector")
+                    vectors[i] = wire.unit_vector(item.vector, dim, f"items[{i}].vector")
                 else:
                     raise InvalidArgument("item has no content: set image, text or vector")
             except ClipSearchError as exc:
                 errors[i] = exc
         if (images or texts) and existing is not None:
             existing.check_model(self.model.fingerprint)
-        deadline = _deadline(context)
+        deadline = wire.deadline(context)
         # Thumbnails are made while the model embeds the same images.
         size = existing.thumbnail_size if existing is not None else DEFAULT_THUMBNAIL_SIZE
         thumbnailing = asyncio.get_running_loop().run_in_executor(
@@ -225,13 +180,9 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
             collection = existing or await asyncio.to_thread(
                 self.collections.create, request.collection, 0, 0, True)
             written = await asyncio.to_thread(collection.upsert, new_items)
-        return pb.UpsertItemsResponse(
-            upserted=written,
-            errors=[pb.ItemError(index=i, code=grpc.StatusCode[e.code_name].value[0],
-                                 message=str(e)) for i, e in sorted(errors.items())],
-        )
+        return pb.UpsertItemsResponse(upserted=written, errors=wire.item_errors(errors))
 
-    @grpc_errors
+    @wire.grpc_errors
     async def GetItems(self, request: pb.GetItemsRequest, context: Ctx) -> pb.GetItemsResponse:
         self._check_count(len(request.ids), "ids")
         collection = self.collections.get(request.collection)
@@ -244,7 +195,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
             "items")
         return pb.GetItemsResponse(items=items, missing_ids=[i for i in ids if i not in found])
 
-    @grpc_errors
+    @wire.grpc_errors
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context: Ctx
                           ) -> pb.DeleteItemsResponse:
         self._check_count(len(request.ids), "ids")
@@ -252,25 +203,22 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         deleted = await asyncio.to_thread(collection.delete, list(request.ids))
         return pb.DeleteItemsResponse(deleted=deleted)
 
-    @grpc_errors
+    @wire.grpc_errors
     async def CountItems(self, request: pb.CountItemsRequest, context: Ctx
                          ) -> pb.CountItemsResponse:
         collection = self.collections.get(request.collection)
-        where = _where(request, collection)
+        where = wire.where(request, collection)
         count = await asyncio.to_thread(collection.count_matching, where)
         return pb.CountItemsResponse(count=count)
 
-    @grpc_errors
+    @wire.grpc_errors
     async def ListItems(self, request: pb.ListItemsRequest, context: Ctx
                         ) -> pb.ListItemsResponse:
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        if size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be 0 (default) to {MAX_PAGE_SIZE}, not {size}", "page_size")
+        size = wire.page_size(request.page_size)
         collection = self.collections.get(request.collection)
-        after = _decode_page_token(request.page_token) if request.page_token else None
-        records = await asyncio.to_thread(collection.page, _where(request, collection), after,
-                                       size + 1)
+        after = wire.decode_page_token(request.page_token) if request.page_token else None
+        records = await asyncio.to_thread(collection.page, wire.where(request, collection),
+                                          after, size + 1)
         more = len(records) > size
         records = records[:size]
         # A page past the reply limit ends early; its token continues after its last item.
@@ -280,35 +228,33 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
             "items", partial=True)
         more = more or len(items) < len(records)
         return pb.ListItemsResponse(
-            items=items, next_page_token=_encode_page_token(items[-1].id) if more else "")
+            items=items, next_page_token=wire.encode_page_token(items[-1].id) if more else "")
 
     # --- search ---------------------------------------------------------------------------
-    @grpc_errors
+    @wire.grpc_errors
     async def Search(self, request: pb.SearchRequest, context: Ctx) -> pb.SearchResponse:
         s = self.settings
-        if not 1 <= request.k <= s.max_k:
-            raise InvalidArgument(f"k must be 1..{s.max_k}, not {request.k}", "k")
-        if request.ef > s.max_ef:
-            raise InvalidArgument(f"ef must be 0 (default) to {s.max_ef}, not {request.ef}", "ef")
+        wire.check_k(request.k, s.max_k)
+        wire.check_ef(request.ef, s.max_ef)
         collection = self.collections.get(request.collection)
-        where = _where(request, collection)
-        query = await self._query_vector(request, collection, _deadline(context))
+        where = wire.where(request, collection)
+        query = await self._query_vector(request, collection, wire.deadline(context))
         default_ef = s.default_ef_text if request.WhichOneof("query") == "text" else s.default_ef
         hits = await asyncio.to_thread(
             collection.search, query, request.k, request.ef or default_ef, where)
         with_vectors = request.include_vectors
         return pb.SearchResponse(hits=await with_thumbnails(
             hits, lambda h: h.id, collection.thumbnails if request.include_thumbnails else None,
-            lambda h, thumb: pb.Hit(id=h.id, score=h.score, metadata=_struct(h.metadata),
+            lambda h, thumb: pb.Hit(id=h.id, score=h.score, metadata=wire.struct(h.metadata),
                                     thumbnail=thumb,
-                                    vector=_vector(h.vector) if with_vectors else None),
+                                    vector=wire.vector(h.vector) if with_vectors else None),
             ReplyBudget(self.settings.max_message_bytes), "hits"))
 
     async def _query_vector(self, request: pb.SearchRequest, collection: Collection,
                             deadline: float | None) -> np.ndarray:
         kind = request.WhichOneof("query")
         if kind == "vector":
-            return _unit_vector(request.vector, collection.dim, "vector")
+            return wire.unit_vector(request.vector, collection.dim, "vector")
         if kind == "id":
             found = await asyncio.to_thread(collection.get, [request.id])
             if request.id not in found:
@@ -324,7 +270,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         raise InvalidArgument("search needs a query: set text, image, vector or id")
 
     # --- server ---------------------------------------------------------------------------
-    @grpc_errors
+    @wire.grpc_errors
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Ctx
                             ) -> pb.GetServerInfoResponse:
         m = self.model
@@ -362,110 +308,14 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
                 f"{self.settings.max_items_per_request}; send them in batches", what)
 
 
-def _status_with_field(code: grpc.StatusCode, message: str, field: str) -> grpc.Status:
-    """A status carrying a google.rpc.BadRequest that names the offending field."""
-    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-    return rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=message, details=[detail]))
-
-
 def _stored_item(with_vectors: bool) -> Callable[[Record, bytes | None], pb.StoredItem]:
     """A stored record (and its thumbnail) as a reply entry."""
     def make(record: Record, thumbnail: bytes | None) -> pb.StoredItem:
-        return pb.StoredItem(id=record.id, metadata=_struct(record.metadata),
+        return pb.StoredItem(id=record.id, metadata=wire.struct(record.metadata),
                              thumbnail=thumbnail,
-                             vector=_vector(record.vector) if with_vectors else None)
+                             vector=wire.vector(record.vector) if with_vectors else None)
 
     return make
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the time.monotonic() clock, if the client set one."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-def _where(request: Any, collection: Collection) -> Any:
-    """The request's filter (or None) in the collection store's own terms."""
-    try:
-        return collection.compile_filter(request.filter if request.HasField("filter") else None)
-    except InvalidArgument as exc:
-        exc.field = exc.field or "filter"
-        raise
-
-
-def _encode_page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode()
-
-
-def _decode_page_token(token: str) -> str:
-    try:
-        last_id = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-        _check_id(last_id)
-        return last_id
-    except (ValueError, UnicodeError, InvalidArgument):
-        raise InvalidArgument("page_token is not one this server handed out",
-                              "page_token") from None
-
-
-def _check_id(id_: str) -> None:
-    if not id_:
-        raise InvalidArgument("item id is empty")
-    if len(id_) > MAX_ID_CHARS:
-        raise InvalidArgument(f"item id is {len(id_)} characters, over the limit of {MAX_ID_CHARS}")
-    if "\x00" in id_:
-        raise InvalidArgument("item id contains a NUL character")
-
-
-def _unit_vector(vector: pb.Vector, dim: int, field: str) -> np.ndarray:
-    """Decode a wire vector, check it, and scale it to unit length (the index is cosine)."""
-    if vector.dim != dim:
-        raise InvalidArgument(f"vector dim is {vector.dim}, the collection's is {dim}", field)
-    if len(vector.data) != 4 * dim:
-        raise InvalidArgument(
-            f"vector data is {len(vector.data)} bytes; dim {dim} needs {4 * dim} "
-            "(little-endian float32)", field)
-    values = np.frombuffer(vector.data, dtype="<f4").astype(np.float32)
-    if not np.all(np.isfinite(values)):
-        raise InvalidArgument("vector has NaN or infinite values", field)
-    norm = float(np.linalg.norm(values))
-    if norm == 0.0 or not math.isfinite(norm):
-        raise InvalidArgument("vector has zero length", field)
-    return values / norm
-
-
-def _metadata_dict(metadata: struct_pb2.Struct) -> dict:
-    try:
-        value = json_format.MessageToDict(metadata)
-        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
-    except ValueError:
-        raise InvalidArgument("metadata has a NaN or infinite number") from None
-    if size > MAX_METADATA_BYTES:
-        raise InvalidArgument(
-            f"metadata is {size} bytes as JSON, over the limit of {MAX_METADATA_BYTES}")
-    return value
-
-
-def _struct(value: dict) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    struct.update(value)
-    return struct
-
-
-def _vector(values: np.ndarray) -> pb.Vector:
-    return pb.Vector(data=np.ascontiguousarray(values, dtype="<f4").tobytes(), dim=len(values))
-
-
-def _matrix(values: np.ndarray) -> pb.Matrix:
-    rows, dim = values.shape
-    return pb.Matrix(data=np.ascontiguousarray(values, dtype="<f4").tobytes(), rows=rows, dim=dim)
-
-
-def _item_errors(embedded: Embedded) -> list[pb.ItemError]:
-    return [pb.ItemError(index=i, code=grpc.StatusCode[e.code_name].value[0], message=str(e))
-            for i, e in sorted(embedded.errors.items())]
 
 
 def _collection_info(info: CollectionInfo) -> pb.CollectionInfo:

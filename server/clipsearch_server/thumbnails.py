@@ -12,7 +12,7 @@ import io
 from PIL import Image
 
 from .errors import InvalidArgument
-from .preprocess import decode_image
+from .images import decode_image
 
 # Long side in pixels of the thumbnails of collections that do not choose; 0 = none.
 DEFAULT_THUMBNAIL_SIZE = 256

@@ -1,17 +1,19 @@
 """The encoder seam: texts and images -> unit vectors.
 
-`base.py` is the interface the service calls; `local.py` runs the model in this process
-(the default), `ray_serve.py` calls a Ray Serve deployment (`ray_deployment.py`) through Serve
-handles. `open_encoder` is the one place that chooses between them, from `--encoder`.
+`base.py` is the interface the service calls (Encoder, Embedded, ModelInfo); `local/` runs the
+model in this process (the default), `ray_serve.py` calls a Ray Serve deployment
+(`ray_deployment.py`) through Serve handles. `open_encoder` is the one place that chooses
+between them, from `--encoder`, and imports only the chosen one: a front with `--encoder ray`
+never loads torch or open_clip.
 """
 
 from __future__ import annotations
 
 from ..config import Settings
 from ..observability import Metrics
-from .base import Encoder, ModelInfo
+from .base import Embedded, Encoder, ModelInfo
 
-__all__ = ["Encoder", "ModelInfo", "open_encoder"]
+__all__ = ["Embedded", "Encoder", "ModelInfo", "open_encoder"]
 
 
 def open_encoder(settings: Settings, metrics: Metrics | None = None) -> Encoder:

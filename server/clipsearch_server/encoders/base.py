@@ -1,13 +1,27 @@
-"""What the service needs of an encoder, whichever process runs the model."""
+"""What the service needs of an encoder, whichever process runs the model.
+
+The seam imports nothing from an implementation and nothing that imports torch: a front
+with `--encoder ray` loads this module, never encoders/local/.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..embedder import Embedded
+import numpy as np
+
+from ..errors import ClipSearchError
 
 __all__ = ["Embedded", "Encoder", "ModelInfo"]
+
+
+@dataclass
+class Embedded:
+    """A batch's vectors (failed rows are zero) and the errors of the rows that failed."""
+
+    vectors: np.ndarray
+    errors: dict[int, ClipSearchError]
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,9 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from ..config import Settings, build_parser, parse_settings
-from ..embedder import Embedded
-from ..model import load_model
-from .base import ModelInfo
-from .local import model_info, start_embedder
+from .base import Embedded, ModelInfo
+from .local.encoder import model_info, start_embedder
+from .local.model import load_model
 
 __all__ = ["DEFAULT_APP", "ClipEncoderDeployment", "app", "deploy", "parse_model_args"]
 

@@ -37,10 +37,14 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from ..config import Settings
-from ..embedder import Embedded
-from ..errors import ClipSearchError, DeadlineExceeded, ResourceExhausted, Unavailable
-from ..model import ModelLoadError
-from .base import ModelInfo
+from ..errors import (
+    ClipSearchError,
+    DeadlineExceeded,
+    ModelLoadError,
+    ResourceExhausted,
+    Unavailable,
+)
+from .base import Embedded, ModelInfo
 
 log = logging.getLogger(__name__)
 

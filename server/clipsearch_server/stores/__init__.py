@@ -1,8 +1,10 @@
 """The collection-store seam: where vectors, metadata and thumbnails live.
 
-`base.py` is the interface; `local.py` keeps SQLite + hnswlib under the data dir (the
-default), `milvus.py` keeps each collection in Milvus (Lite file, standalone or distributed).
-`open_collections` is the one place that chooses, from `--store`.
+`base.py` is the interface and the types every engine shares; `filter_tree.py` the filter
+walk, key rules and limits they share. `local/` keeps SQLite + hnswlib under the data dir (the
+default), `milvus/` keeps each collection in Milvus (Lite file, standalone or distributed).
+Neither imports the other. `open_collections` is the one place that chooses, from `--store`;
+an engine's package is imported only when chosen.
 """
 
 from __future__ import annotations

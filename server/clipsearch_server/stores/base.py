@@ -1,8 +1,9 @@
 """What the service needs of a collection store, whichever engine keeps the vectors.
 
-Two implementations: `local.py` (SQLite as the truth + an hnswlib graph per collection, under
-the data dir) and `milvus.py` (one Milvus collection per clipsearch collection). Both give the
-same answers to the same calls; `tests/test_backends.py` runs one suite over each.
+Two implementations: `local/` (SQLite as the truth + an hnswlib graph per collection, under
+the data dir) and `milvus/` (one Milvus collection per clipsearch collection). Both give the
+same answers to the same calls; `tests/test_stores.py` runs one suite over each. This module
+imports neither: the types they share (`Record`, `NewItem`, ...) are defined here.
 
 A *key* is how a store names an item internally in whole-collection reads (`read_vectors`,
 `records_by_key`, `set_metadata_key`): hnswlib labels for the local store, ids for Milvus.
@@ -18,10 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import FailedPrecondition, InvalidArgument
-from ..store import NewItem, Record
 
 __all__ = [
     "NAME_PATTERN",
+    "CollectionChecks",
     "CollectionInfo",
     "CollectionRegistry",
     "CollectionStore",
@@ -29,12 +30,31 @@ __all__ = [
     "NewItem",
     "Record",
     "SearchHit",
-    "check_model",
     "check_name",
-    "check_vector",
 ]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
+
+
+@dataclass
+class Record:
+    """A stored item (`label`: the local store's hnswlib label, 0 in Milvus)."""
+
+    id: str
+    label: int
+    vector: np.ndarray
+    metadata: dict
+
+
+@dataclass
+class NewItem:
+    """An item to write: its vector is unit length float32."""
+
+    id: str
+    vector: np.ndarray
+    metadata: dict
+    # WebP preview of an image item; None removes any earlier one.
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -74,22 +94,28 @@ def check_name(name: str) -> None:
         )
 
 
-def check_vector(name: str, dim: int, vector: np.ndarray) -> None:
-    if vector.shape != (dim,):
-        raise InvalidArgument(
-            f"vector has dimension {vector.shape[-1] if vector.ndim else 0}, collection "
-            f"{name!r} holds dimension {dim}"
-        )
+class CollectionChecks:
+    """The checks of a collection that every engine makes the same way (a mixin)."""
 
+    name: str
+    dim: int
+    model_fingerprint: str
 
-def check_model(name: str, built_with: str, fingerprint: str) -> None:
-    """Refuse embeddings from a model other than the one the collection was built with."""
-    if fingerprint != built_with:
-        raise FailedPrecondition(
-            f"collection {name!r} was built with model {built_with}, the server runs "
-            f"{fingerprint}: its embeddings live in another space. Serve the original model, "
-            "or write to a new collection"
-        )
+    def check_vector(self, vector: np.ndarray) -> None:
+        if vector.shape != (self.dim,):
+            raise InvalidArgument(
+                f"vector has dimension {vector.shape[-1] if vector.ndim else 0}, collection "
+                f"{self.name!r} holds dimension {self.dim}"
+            )
+
+    def check_model(self, fingerprint: str) -> None:
+        """Refuse embeddings from a model other than the one the collection was built with."""
+        if fingerprint != self.model_fingerprint:
+            raise FailedPrecondition(
+                f"collection {self.name!r} was built with model {self.model_fingerprint}, the "
+                f"server runs {fingerprint}: its embeddings live in another space. Serve the "
+                "original model, or write to a new collection"
+            )
 
 
 class CollectionStore(Protocol):

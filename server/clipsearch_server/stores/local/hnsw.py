@@ -17,22 +17,19 @@ adds both:
   Where the OS can fork, the graph is written by a forked child instead: the fork takes a
   copy-on-write image of the graph in milliseconds, under the caller's lock, and the parent
   goes on serving while the child writes, hashes and fsyncs the file at idle priority (CPU
-  and disk: it gets only what serving leaves); the parent then checks and publishes it.
+  and disk: it gets only what serving leaves); the parent then checks and publishes it. The
+  child and its OS plumbing are in `snapshot_child.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,28 +37,15 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from . import snapshot_child
+from .snapshot_child import file_hash, fsync_and_hash
+
 log = logging.getLogger(__name__)
 
 SPACE = "ip"  # vectors are unit length: inner product is cosine similarity
 MANIFEST = "manifest.json"
 FORMAT = 1
 MIN_CAPACITY = 1024
-PR_SET_PDEATHSIG = 1  # prctl option, linux/prctl.h
-# ioprio_set(2): the idle I/O class (honoured by the bfq and mq-deadline schedulers)
-_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}  # syscall numbers; glibc has no wrapper
-IOPRIO_WHO_PROCESS, IOPRIO_CLASS_IDLE, IOPRIO_CLASS_SHIFT = 1, 3, 13
-# sync_file_range(2): wait for earlier writes, start this range's, wait for them
-SYNC_RANGE_ALL = 1 | 2 | 4
-WRITE_BACK_BYTES = 4 << 20
-
-
-# Only the forking thread runs in the child, and it only writes the graph file, then exits.
-warnings.filterwarnings("ignore", message=r".*multi-threaded, use of fork\(\) may lead",
-                        category=DeprecationWarning)
-
-
-class ChildSaveFailed(OSError):
-    """The forked child did not write the snapshot; the caller may save in-process instead."""
 
 
 class SnapshotInvalid(Exception):
@@ -261,7 +245,7 @@ class HnswIndex:
         pid = report = None
         try:
             if self.save_in_child if in_child is None else in_child:
-                pid, report = _save_in_child(self._graph, tmp)
+                pid, report = snapshot_child.start(self._graph, tmp)
             else:
                 self._graph.save_index(str(tmp))
         except BaseException:
@@ -274,9 +258,10 @@ class HnswIndex:
         name, tmp = pending.name, pending.tmp
         try:
             if pending.pid is not None:
-                size, digest = _child_result(pending, name)
+                assert pending.report is not None
+                size, digest = snapshot_child.wait(pending.pid, pending.report, name)
             else:
-                size, digest = _fsync_and_hash(tmp)
+                size, digest = fsync_and_hash(tmp)
             if size < pending.least_bytes:
                 # hnswlib's writer does not report write errors: a short file is a full disk
                 raise OSError(errno.ENOSPC, f"snapshot {name} came out short ({size} bytes)")
@@ -292,7 +277,7 @@ class HnswIndex:
         _write_atomically(self.folder / MANIFEST, json.dumps(asdict(manifest), indent=1).encode())
         for old in self.folder.glob("index-*.hnsw*"):
             if old.name != name:
-                _remove_gradually(old)
+                snapshot_child.remove_gradually(old)
         return manifest
 
     def load(self) -> Manifest:
@@ -312,7 +297,7 @@ class HnswIndex:
             )
         file = self.folder / manifest.file
         try:
-            size, digest = _hash(file)
+            size, digest = file_hash(file)
         except FileNotFoundError:
             raise SnapshotInvalid(f"snapshot file {manifest.file} is missing") from None
         if (size, digest) != (manifest.size, manifest.sha256):
@@ -328,130 +313,6 @@ class HnswIndex:
         self._known = set(graph.get_ids_list())
         self.m, self.ef_construction, self.seq = manifest.m, manifest.ef_construction, manifest.seq
         return manifest
-
-
-def _save_in_child(graph: hnswlib.Index, path: Path) -> tuple[int, int]:
-    """Fork a child that writes, hashes and fsyncs `graph` at `path`: (its pid, report pipe)."""
-    parent = os.getpid()
-    read_end, write_end = os.pipe()
-    try:
-        pid = os.fork()
-    except BaseException:
-        os.close(read_end)
-        os.close(write_end)
-        raise
-    if pid == 0:  # the child: write, then leave without running any of the parent's cleanup
-        code = 1
-        try:
-            os.close(read_end)
-            _die_with(parent)
-            _idle_priority()
-            graph.save_index(str(path))
-            _write_back_gradually(path)
-            size, digest = _fsync_and_hash(path)
-            os.write(write_end, f"{size} {digest}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    return pid, read_end
-
-
-def _child_result(pending: PendingSave, name: str) -> tuple[int, str]:
-    """Wait for the child writing `pending`; the file's size and SHA-256 as it reported them."""
-    assert pending.pid is not None and pending.report is not None
-    with os.fdopen(pending.report, "rb") as report:
-        said = report.read().decode()  # releases the GIL while it waits
-    _, status = os.waitpid(pending.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0 or not said:
-        raise ChildSaveFailed(f"the child writing snapshot {name} failed (exit status {code})")
-    size, digest = said.split()
-    return int(size), digest
-
-
-def _write_back_gradually(path: Path) -> None:
-    """Linux: put the file on disk a few MiB at a time before the final fsync.
-
-    On ext4 (data=ordered) an fsync commits the journal, and a commit waits for every block
-    allocated in it to be written, so one fsync of a large new file holds up every other
-    fsync, such as the store's for each acknowledged write, until all of it is on disk. Written
-    back in small ranges, only the range in flight can hold them up.
-    """
-    sync_file_range = getattr(_libc(), "sync_file_range", None)
-    if sync_file_range is None:
-        return
-    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        for offset in range(0, size, WRITE_BACK_BYTES):
-            if sync_file_range(fd, offset, WRITE_BACK_BYTES, SYNC_RANGE_ALL) != 0:
-                return  # not supported here: the fsync that follows does it all
-    finally:
-        os.close(fd)
-
-
-def _remove_gradually(path: Path) -> None:
-    """Delete a large file a few MiB at a time.
-
-    Freeing a whole graph file's blocks in one unlink is one long journal transaction on ext4,
-    and every fsync in the meantime (the store's, for each acknowledged write) waits for it.
-    """
-    with contextlib.suppress(FileNotFoundError):
-        with open(path, "r+b") as f:
-            size = os.fstat(f.fileno()).st_size
-            while size > WRITE_BACK_BYTES:
-                size -= WRITE_BACK_BYTES
-                os.ftruncate(f.fileno(), size)
-        path.unlink()
-
-
-def _libc() -> ctypes.CDLL:
-    """The C library, for the Linux calls Python's os module lacks (the snapshot child's)."""
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _idle_priority() -> None:
-    """Linux: take CPU and disk time only when nothing else wants them (the snapshot child)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        with contextlib.suppress(OSError, AttributeError):
-            os.nice(19)  # where SCHED_IDLE is refused or missing
-    number = _IOPRIO_SET.get(os.uname().machine)
-    if number is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            _libc().syscall(number, IOPRIO_WHO_PROCESS, 0,
-                            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT)
-
-
-def _die_with(parent: int) -> None:
-    """Linux: be killed when the parent dies (a killed server leaves no writer behind)."""
-    with contextlib.suppress(OSError, AttributeError):
-        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
-
-
-def _hash(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
-
-
-def _fsync_and_hash(path: Path) -> tuple[int, str]:
-    result = _hash(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return result
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

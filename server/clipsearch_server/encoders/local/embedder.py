@@ -8,23 +8,22 @@ for that item only. Recent query texts are answered from a small cache.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ...errors import ClipSearchError, InvalidArgument
+from ...lru import LruCache
+from ...observability import Metrics
+from ...priority import background_pool
+from ..base import Embedded
 from .batcher import BULK, INTERACTIVE, Batcher
 from .decode_budget import DecodeBudget
 from .device_decode import DeviceJpegDecoder, JpegFile
-from .errors import ClipSearchError, InvalidArgument
 from .model import ClipModel
-from .observability import Metrics
 from .preprocess import DRAFT_OVERSAMPLE, ImagePreprocessor
-from .priority import background_pool
 
 log = logging.getLogger(__name__)
 
@@ -33,39 +32,6 @@ INTERACTIVE_MAX_ITEMS = 8
 # Model batches of one call decoded ahead of the model: bounds a large request's memory.
 WINDOWS_AHEAD = 2
 QUERY_DECODE_THREADS = 2  # a query image is decoded apart from bulk work, at normal priority
-
-
-@dataclass
-class Embedded:
-    """A batch's vectors (failed rows are zero) and the errors of the rows that failed."""
-
-    vectors: np.ndarray
-    errors: dict[int, ClipSearchError]
-
-
-class TextCache:
-    """A bounded, thread-safe LRU of text -> embedding: repeated queries skip the model."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, text: str) -> np.ndarray | None:
-        with self._lock:
-            vector = self._entries.get(text)
-            if vector is not None:
-                self._entries.move_to_end(text)
-            return vector
-
-    def put(self, text: str, vector: np.ndarray) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._entries[text] = vector
-            self._entries.move_to_end(text)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
 
 
 class Embedder:
@@ -84,7 +50,8 @@ class Embedder:
         draft = model.image_size * DRAFT_OVERSAMPLE if jpeg_draft else None
         self.preprocess = ImagePreprocessor(model.transform, max_image_pixels, draft)
         self.device_decoder = device_decoder  # JPEGs decoded on the GPU when set
-        self.cache = TextCache(text_cache_size)
+        # Text -> embedding: repeated queries skip the model.
+        self.cache: LruCache[str, np.ndarray] = LruCache(text_cache_size)
         # A decoded image is a 3 x S x S float32 tensor, and stacking a window copies it once.
         self.decoded_image_bytes = 2 * 3 * model.image_size * model.image_size * 4
         self.decode_budget = DecodeBudget(max_decoded_bytes)

@@ -21,8 +21,9 @@ import open_clip
 import torch
 from PIL import Image
 
-from .catalog import bundled_config_dir
-from .config import Settings
+from ...catalog import bundled_config_dir
+from ...config import Settings
+from ...errors import ModelLoadError
 from .precision import choose_precision
 from .preflight import WeightsUnavailable, check_weights_reachable
 
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 RANDOM_SEED = 0
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class ModelLoadError(Exception):
-    """The model could not be loaded; the message says what to do about it."""
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Encoded image bytes -> model input tensor.
+"""Encoded image bytes -> an upright 8-bit RGB picture, strictly. No torch: fronts use it too.
 
 Decoding is where hostile input arrives, so it is strict: only the formats we name, a pixel
 budget checked from the header before any pixel is decoded, and every failure reported as an
 InvalidArgument for that one image. Orientation and colour handling make a phone photo, a
-transparent logo and a 16-bit scan all look to the model as a person would see them.
+transparent logo and a 16-bit scan all look to the model as a person would see them. The
+local encoder's preprocessing (encoders/local/preprocess.py) and the thumbnails both decode here.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Callable
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidArgument
@@ -104,23 +103,3 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     if mode != "I" or (wide.size and wide.max() > 255):
         wide = wide >> 8
     return np.clip(wide, 0, 255).astype(np.uint8)
-
-
-# JPEG draft decoding keeps the short side at least this many times the model's input size,
-# so the transform's own resize still does the final, antialiased, downscale. On the coco128
-# photos this keeps the preprocessed tensor within the tolerance that tests/test_preprocess.py
-# states (mean absolute difference 0.03 in normalised units).
-DRAFT_OVERSAMPLE = 2
-
-
-class ImagePreprocessor:
-    """Bytes -> normalised CHW float tensor, with the model's own open_clip transform."""
-
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], max_pixels: int,
-                 draft_size: int | None = None) -> None:
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.draft_size = draft_size
-
-    def __call__(self, data: bytes) -> torch.Tensor:
-        return self.transform(decode_image(data, self.max_pixels, self.draft_size))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..config import Settings
-from ..device_decode import device_decoder
-from ..embedder import Embedded, Embedder
-from ..model import ClipModel, load_model
-from ..observability import Metrics
-from .base import ModelInfo
+from ...config import Settings
+from ...observability import Metrics
+from ..base import Embedded, ModelInfo
+from .device_decode import device_decoder
+from .embedder import Embedder
+from .model import ClipModel, load_model
 
 
 def model_info(model: ClipModel) -> ModelInfo:

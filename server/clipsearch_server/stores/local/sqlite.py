@@ -15,12 +15,12 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .filters import MATCH_ALL, SqlFilter
+from ..base import NewItem, Record
+from .sql_filters import MATCH_ALL, SqlFilter
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,27 +37,6 @@ CREATE TABLE IF NOT EXISTS deletions (label INTEGER PRIMARY KEY, seq INTEGER NOT
 -- Small WebP previews of image items, apart so that searches and scans never read them.
 CREATE TABLE IF NOT EXISTS thumbnails (label INTEGER PRIMARY KEY, webp BLOB NOT NULL);
 """
-
-
-@dataclass
-class Record:
-    """A stored item."""
-
-    id: str
-    label: int
-    vector: np.ndarray
-    metadata: dict
-
-
-@dataclass
-class NewItem:
-    """An item to write: its vector is unit length float32."""
-
-    id: str
-    vector: np.ndarray
-    metadata: dict
-    # WebP preview of an image item; None removes any earlier one.
-    thumbnail: bytes | None = None
 
 
 class Store:

@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from .errors import ResourceExhausted
+from ...errors import ResourceExhausted
 
 # How long a window may wait for decode budget before its call is refused.
 DEFAULT_WAIT_S = 10.0

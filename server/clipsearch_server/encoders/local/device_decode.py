@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .preprocess import open_checked
+from ...images import open_checked
 
 log = logging.getLogger(__name__)
 

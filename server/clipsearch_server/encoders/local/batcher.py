@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from .observability import Metrics
+from ...errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from ...observability import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -14,21 +14,21 @@ Equality and membership become `json_contains` tests on the typed lists, one-bou
 compare the smallest or largest value, and a range with two bounds is exact where a path holds
 at most one value. Where some item holds several numbers (or times) under a path, a two-bound
 range on that path is refused with INVALID_ARGUMENT rather than answered wrongly; the store
-keeps those paths in the collection's properties (`multi_paths`).
+keeps those paths in the collection's properties (`multi_paths`). The walk, the key rules and
+the limits are every store's (`stores/filter_tree.py`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 
-from ..errors import InvalidArgument
-from ..filters import MAX_VALUES, _json_path, walk_filter
+from ...errors import InvalidArgument
+from .. import filter_tree
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,12 @@ def compile_milvus_filter(tree: pb.Filter | None, multi: set[str]) -> MilvusFilt
     """Check a filter tree and translate it; `multi` are the collection's multi-value paths."""
     if tree is None or tree.WhichOneof("kind") is None:
         return MATCH_ALL
-    return MilvusFilter(walk_filter(tree, lambda f: _field(f, multi), ("and", "or", "not")))
+    return MilvusFilter(
+        filter_tree.walk_filter(tree, lambda f: _field(f, multi), ("and", "or", "not")))
 
 
 def _field(f: pb.FieldFilter, multi: set[str]) -> str:
-    _json_path(f.key)  # the same key rules as the local store
+    filter_tree.key_parts(f.key)  # the same key rules as the local store
     path = _literal(f.key)
     condition = f.WhichOneof("condition")
     if condition == "exists":
@@ -106,34 +107,21 @@ def _field(f: pb.FieldFilter, multi: set[str]) -> str:
     if condition == "equals":
         return _one_of([f.equals], path)
     if condition == "one_of":
-        values = f.one_of.values
-        if not values or len(values) > MAX_VALUES:
-            raise InvalidArgument(f"one_of of {f.key!r} needs 1 to {MAX_VALUES} values")
-        return _one_of(list(values), path)
+        return _one_of(list(filter_tree.one_of_values(f)), path)
     if condition in ("range", "time_range"):
         rng = getattr(f, condition)
-        lo, hi = ('"lo"', '"hi"') if condition == "range" else ('"tlo"', '"thi"')
-        bounds = [(b, op) for b, op in (("gt", ">"), ("gte", ">="), ("lt", "<"), ("lte", "<="))
-                  if rng.HasField(b)]
-        if not bounds:
-            raise InvalidArgument(f"range on {f.key!r} has no bound")
-        has_lower = any(b.startswith("g") for b, _ in bounds)
-        has_upper = any(b.startswith("l") for b, _ in bounds)
-        if has_lower and has_upper and f.key in multi:
+        if ((rng.HasField("gt") or rng.HasField("gte"))
+                and (rng.HasField("lt") or rng.HasField("lte")) and f.key in multi):
             raise InvalidArgument(
                 f"{condition} with both bounds on {f.key!r} cannot be answered exactly by the "
                 f"milvus store: some items hold several values under {f.key!r}. Use one bound, "
                 "or split the values into separate keys", "filter")
-        tests = []
-        for bound, op in bounds:
-            value = getattr(rng, bound)
-            number = (_number(value, f.key) if condition == "range"
-                      else value.seconds + value.nanos / 1e9)
-            # any value above a lower bound: the largest is; below an upper: the smallest is
-            side = hi if bound.startswith("g") else lo
-            tests.append(f"x[{side}][{path}] {op} {number!r}")
+        lo, hi = ('"lo"', '"hi"') if condition == "range" else ('"tlo"', '"thi"')
+        # any value above a lower bound: the largest is; below an upper: the smallest is
+        tests = [f"x[{hi if bound.startswith('g') else lo}][{path}] {op} {number!r}"
+                 for bound, op, number in filter_tree.bounds(f)]
         return "(" + " and ".join(tests) + ")"
-    raise InvalidArgument(f"filter on {f.key!r} has no condition")
+    raise filter_tree.no_condition(f.key)
 
 
 def _one_of(values: list, path: str) -> str:
@@ -144,13 +132,13 @@ def _one_of(values: list, path: str) -> str:
         if kind == "string_value":
             typed["s"].append(v.string_value)
         elif kind == "number_value":
-            typed["n"].append(_number(v.number_value, "one_of"))
+            typed["n"].append(filter_tree.finite(v.number_value, "one_of"))
         elif kind == "bool_value":
             typed["b"].append(v.bool_value)
         elif kind == "null_value":
             tests.append(f"json_contains(x[\"z\"], {path})")
         else:
-            raise InvalidArgument("equals and one_of take strings, numbers, bools or null")
+            raise filter_tree.not_a_scalar()
     for key, got in typed.items():
         if got:
             unique = list(dict.fromkeys(got))
@@ -162,8 +150,3 @@ def _literal(text: str) -> str:
     """A Milvus string literal (JSON's escaping is what its parser reads)."""
     return json.dumps(text)
 
-
-def _number(x: float, key: str) -> float:
-    if not math.isfinite(x):
-        raise InvalidArgument(f"filter on {key!r} has a NaN or infinite number")
-    return x

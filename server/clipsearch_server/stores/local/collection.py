@@ -1,4 +1,5 @@
-"""A named collection = durable store + HNSW index, and the registry of all of them.
+"""A named collection = durable store + HNSW index, kept in step (the registry of all of them
+is registry.py; its whole-collection reads are scans.py).
 
 Lock discipline (one collection):
 * writes (upsert, delete) take the index's write lock, commit to the store, then apply the
@@ -6,7 +7,7 @@ Lock discipline (one collection):
   while the lock is free;
 * searches take the read lock and may run together;
 * a snapshot takes the write lock only to start the save: a forked child writes the graph
-  as it was then, while searches and writes go on (index.py);
+  as it was then, while searches and writes go on (hnsw.py);
 * a compaction builds a fresh graph without the lock from a consistent read of the store,
   then replays the writes that landed meanwhile and swaps graphs under the write lock;
 * one snapshot or compaction runs at a time per collection (`_maintenance`).
@@ -18,32 +19,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import AlreadyExists, NotFound, Unavailable, storage_error
-from ..filters import MATCH_ALL, SqlFilter, compile_filter
-from ..index import ChildSaveFailed, HnswIndex, SnapshotInvalid, fsync_dir
-from ..store import NewItem, Record, Store
-from ..thumbnails import DEFAULT_THUMBNAIL_SIZE
-from . import local_scans
-from .base import (
-    NAME_PATTERN,
-    CollectionInfo,
-    Duplicates,
-    SearchHit,
-    check_model,
-    check_name,
-    check_vector,
-)
+from ...errors import NotFound, storage_error
+from ...thumbnails import DEFAULT_THUMBNAIL_SIZE
+from ..base import CollectionChecks, CollectionInfo, Duplicates, NewItem, Record, SearchHit
+from . import scans
+from .hnsw import HnswIndex, SnapshotInvalid, fsync_dir
+from .snapshot_child import ChildSaveFailed
+from .sql_filters import MATCH_ALL, SqlFilter, compile_filter
+from .sqlite import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +48,10 @@ COMPACT_CHURN_MIN = 1000
 # up to 5 % selectivity, the exact path 4-7 us per matching item; they cross near 8,000.
 EXACT_SEARCH_MAX = 8_000
 MAX_BOOSTED_EF = 8192
-# Threads that save graphs and close stores at shutdown: hnswlib's save holds the GIL, but the
-# fsyncs around it (graph file, manifest, folder, the store's last checkpoint) overlap.
-SHUTDOWN_THREADS = 8
 
 
 @contextlib.contextmanager
-def _writing(what: str) -> Iterator[None]:
+def writing(what: str) -> Iterator[None]:
     """Turn a disk-full or unwritable data dir into RESOURCE_EXHAUSTED or UNAVAILABLE."""
     try:
         yield
@@ -75,7 +63,7 @@ def _writing(what: str) -> Iterator[None]:
         raise mapped from exc
 
 
-class Collection:
+class Collection(CollectionChecks):
     """One collection's store and graph, kept in step."""
 
     def __init__(self, folder: Path, store: Store, meta: dict[str, str]) -> None:
@@ -260,7 +248,7 @@ class Collection:
             self.check_vector(item.vector)
         with self.index.lock.write():
             self._check_open()
-            with _writing(f"upsert into {self.name}"):
+            with writing(f"upsert into {self.name}"):
                 seq, labels, created = self.store.upsert(items)
             # The store applies a batch in order; for an id repeated in one batch the last wins.
             last = {item.id: (label, item.vector)
@@ -276,7 +264,7 @@ class Collection:
     def delete(self, ids: list[str]) -> int:
         with self.index.lock.write():
             self._check_open()
-            with _writing(f"delete from {self.name}"):
+            with writing(f"delete from {self.name}"):
                 seq, labels = self.store.delete(ids)
             self.index.delete(labels)
             self.index.seq = seq
@@ -319,7 +307,7 @@ class Collection:
             if k == 0:
                 return []
             if candidates is not None and total <= self.exact_search_max:
-                labels, scores = self._exact_search(vector, k, candidates)
+                labels, scores = scans.exact_search(self.store, vector, k, candidates)
             else:
                 allowed = None if candidates is None else set(candidates.tolist())
                 # A filter passing a fraction of items needs a longer candidate list.
@@ -331,18 +319,11 @@ class Collection:
                     # hnswlib reached fewer than k matching items: scan them exactly.
                     if candidates is None:
                         candidates = self.store.labels_matching(MATCH_ALL)
-                    labels, scores = self._exact_search(vector, k, candidates)
+                    labels, scores = scans.exact_search(self.store, vector, k, candidates)
             records = self.store.get_by_labels(labels.tolist())
         return [SearchHit(r.id, float(s), r.metadata, r.vector)
                 for label, s in zip(labels.tolist(), scores.tolist(), strict=True)
                 if (r := records.get(label)) is not None]
-
-    def _exact_search(self, vector: np.ndarray, k: int, labels: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        scores = self.store.vectors_for(labels) @ vector
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return labels[top], scores[top]
 
     def count_matching(self, where: SqlFilter) -> int:
         if where is MATCH_ALL:
@@ -356,216 +337,31 @@ class Collection:
             self._check_open()
             return self.store.page(where, after_id, limit)
 
-    def check_vector(self, vector: np.ndarray) -> None:
-        check_vector(self.name, self.dim, vector)
-
-    def check_model(self, fingerprint: str) -> None:
-        check_model(self.name, self.model_fingerprint, fingerprint)
-
     # --- whole-collection reads (analysis RPCs) ------------------------------------------
     def compile_filter(self, tree: object) -> SqlFilter:
         return compile_filter(tree)
 
     def read_vectors(self, where: SqlFilter) -> tuple[np.ndarray, np.ndarray]:
-        return local_scans.read_vectors(self, where)
+        with self._reading():
+            return scans.read_vectors(self.store, self.index, where)
 
     def records_by_key(self, keys: list[int]) -> dict[int, Record]:
-        return local_scans.records_by_label(self, keys)
+        with self._reading():
+            return scans.records_by_label(self.store, self.index, keys)
 
     def find_duplicates(self, where: SqlFilter, threshold: float, neighbours: int, ef: int,
                         check: Callable[[], None]) -> Duplicates:
-        return local_scans.find_duplicates(self, where, threshold, neighbours, ef, check)
+        with self._reading():
+            return scans.find_duplicates(self.store, self.index, where, threshold, neighbours,
+                                         ef, check, self.exact_search_max)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A whole-collection read that finds the store closed under it: NOT_FOUND."""
+        try:
+            yield
+        except sqlite3.ProgrammingError:
+            raise NotFound(f"collection {self.name!r} was dropped") from None
 
     def cache_version(self) -> int:
         return self.index.seq
-
-
-class Collections:
-    """All collections under `<data_dir>/collections`, opened at start."""
-
-    def __init__(self, data_dir: Path, dim: int, fingerprint: str, m: int, ef_construction: int
-                 ) -> None:
-        self.root = data_dir / "collections"
-        self.dim = dim
-        self.fingerprint = fingerprint
-        self.m = m
-        self.ef_construction = ef_construction
-        self._lock = threading.Lock()
-        self._open: dict[str, Collection] = {}
-        # Collections whose files could not be opened at start: name -> reason. Left on disk,
-        # not served; a restart tries them again.
-        self.unavailable: dict[str, str] = {}
-        self._stopping = False  # shutting down: background snapshot rounds stop
-
-    def open_all(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".dropped-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        for folder in sorted(self.root.iterdir()):
-            if not folder.is_dir() or not NAME_PATTERN.fullmatch(folder.name):
-                continue
-            try:
-                if self._never_created(folder):
-                    # a create killed before its settings were committed: never acknowledged
-                    log.warning("removing %s: its creation never completed", folder.name)
-                    shutil.rmtree(folder, ignore_errors=True)
-                    continue
-                self._open[folder.name] = Collection.open(folder)
-            except Exception as exc:  # anything else: keep the files, serve the others
-                reason = f"{type(exc).__name__}: {exc}"
-                self.unavailable[folder.name] = reason
-                log.error("collection %s is unavailable, its files are left untouched: %s",
-                          folder.name, reason)
-
-    @staticmethod
-    def _never_created(folder: Path) -> bool:
-        """True only for a folder whose store provably never committed its settings."""
-        store = folder / STORE_FILE
-        if not store.exists():
-            if any(folder.iterdir()):
-                raise FileNotFoundError(f"{STORE_FILE} is missing but the folder is not empty")
-            return True  # created and killed before the store appeared
-        return "dim" not in Store.peek_meta(store)  # raises when the store cannot be read
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._open)
-
-    def find(self, name: str) -> Collection | None:
-        """The open collection of that name, or None."""
-        with self._lock:
-            return self._open.get(name)
-
-    def get(self, name: str) -> Collection:
-        with self._lock:
-            collection = self._open.get(name)
-        if collection is None:
-            check_name(name)
-            self._check_available(name)
-            raise NotFound(f"collection {name!r} does not exist")
-        return collection
-
-    def _check_available(self, name: str) -> None:
-        reason = self.unavailable.get(name)
-        if reason is not None:
-            raise Unavailable(f"collection {name!r} could not be opened at start ({reason}); "
-                              "its files are kept: fix the cause and restart the server")
-
-    def create(self, name: str, m: int = 0, ef_construction: int = 0, exist_ok: bool = False,
-               thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE) -> Collection:
-        check_name(name)
-        with self._lock:
-            if name in self._open:
-                if exist_ok:
-                    return self._open[name]
-                raise AlreadyExists(f"collection {name!r} already exists")
-            self._check_available(name)
-            try:
-                with _writing(f"create collection {name}"):
-                    collection = Collection.create(
-                        self.root / name, self.dim, self.fingerprint, m or self.m,
-                        ef_construction or self.ef_construction, thumbnail_size)
-            except BaseException:
-                # never acknowledged: leave no half-made folder to trip the next create
-                shutil.rmtree(self.root / name, ignore_errors=True)
-                raise
-            self._open[name] = collection
-            log.info("created collection %s (dim %d, model %s)", name, self.dim, self.fingerprint)
-            return collection
-
-    def drop(self, name: str) -> bool:
-        check_name(name)
-        with self._lock:
-            collection = self._open.pop(name, None)
-            if collection is None:
-                self._check_available(name)
-                return False
-            trash = self.root / f".dropped-{name}-{uuid.uuid4().hex}"
-            try:
-                with _writing(f"drop collection {name}"):
-                    collection.folder.rename(trash)
-                    fsync_dir(self.root)
-            except BaseException:
-                if collection.folder.exists():  # not moved: it goes on being served
-                    self._open[name] = collection
-                    raise
-                # moved, only the directory sync failed: the drop stands
-            collection.close()
-        shutil.rmtree(trash, ignore_errors=True)
-        log.info("dropped collection %s", name)
-        return True
-
-    def describe(self) -> str:
-        return f"SQLite + hnswlib under {self.root}"
-
-    def counts(self) -> list[tuple[str, int]]:
-        """(name, items) of every collection, for metrics."""
-        with self._lock:
-            return [(name, c.count()) for name, c in sorted(self._open.items())]
-
-    def snapshot_all(self, force: bool = False, budget_s: float | None = None) -> None:
-        """Rebuild churned graphs, then save every changed one.
-
-        With `budget_s` (shutting down, nothing is served any more): no rebuilds, and the graphs
-        are written in-process by a few threads (a forked child per graph, at idle priority,
-        is there only to spare the serving threads), those with the most unsaved changes first;
-        none starts after `budget_s` seconds. A collection left unsaved loses nothing: its
-        store has every write, and the next start replays what its older snapshot lacks.
-        """
-        if budget_s is not None:
-            self._stopping = True  # a background round still going stops at its next collection
-            self._save_for_shutdown(budget_s)
-            return
-        with self._lock:
-            collections = list(self._open.values())
-        for collection in collections:
-            if self._stopping:
-                return
-            try:
-                collection.compact_if_churned()
-                if collection.snapshot(force):
-                    log.debug("snapshot of %s saved", collection.name)
-            except Exception:
-                log.exception("snapshot of collection %s failed", collection.name)
-
-    def _save_for_shutdown(self, budget_s: float) -> None:
-        started = time.monotonic()
-        deadline = started + budget_s
-        with self._lock:
-            changed = [c for c in self._open.values() if c.changed()]
-        if not changed:
-            return
-        changed.sort(key=lambda c: c.unsaved(), reverse=True)
-
-        def save(collection: Collection) -> bool | None:
-            if time.monotonic() >= deadline:
-                return None  # out of time: replayed from the store at the next start
-            try:
-                # no wait: one a background round is saving or rebuilding is left as it is
-                return collection.snapshot(in_child=False, wait=False)
-            except Exception:
-                log.exception("snapshot of collection %s failed", collection.name)
-                return False
-
-        with ThreadPoolExecutor(min(SHUTDOWN_THREADS, len(changed)),
-                                thread_name_prefix="shutdown-snapshot") as pool:
-            results = list(pool.map(save, changed))
-        left = [c for c, saved in zip(changed, results, strict=True) if not saved]
-        log.info("saved %d of %d changed indexes in %.1fs%s", len(changed) - len(left),
-                 len(changed), time.monotonic() - started,
-                 f"; {len(left)} ({sum(c.unsaved() for c in left)} items written since their "
-                 "last snapshot) will be replayed from their stores at the next start"
-                 if left else "")
-
-    def close_all(self) -> None:
-        with self._lock:
-            collections = list(self._open.values())
-            self._open.clear()
-        if len(collections) < 2:
-            for collection in collections:
-                collection.close()
-            return
-        # Each close checkpoints the store's WAL into its database (fsyncs): a few at a time.
-        with ThreadPoolExecutor(min(SHUTDOWN_THREADS, len(collections)),
-                                thread_name_prefix="close") as pool:
-            list(pool.map(Collection.close, collections))
