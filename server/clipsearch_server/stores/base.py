@@ -2,7 +2,7 @@
 
 Two implementations: `local/` (SQLite as the truth + an hnswlib graph per collection, under
 the data dir) and `milvus/` (one Milvus collection per clipsearch collection). Both give the
-same answers to the same calls; `tests/test_stores.py` runs one suite over each. This module
+same answers to the same calls; `tests/unit/test_stores.py` runs one suite over each. This module
 imports neither: the types they share (`Record`, `NewItem`, ...) are defined here.
 
 A *key* is how a store names an item internally in whole-collection reads (`read_vectors`,

@@ -10,7 +10,7 @@ budget (decompression-bomb guard) and the EXIF orientation behave exactly as on 
 Anything this path does not cover (other formats, CMYK or 12-bit JPEGs, a file nvjpeg
 refuses) goes back to the CPU path, which decodes it or reports the precise error. The result
 differs from open_clip's reference preprocessing only by decoder and resampling rounding;
-tests/test_device_decode.py states and checks the tolerance.
+tests/e2e/test_device_decode.py states and checks the tolerance.
 """
 
 from __future__ import annotations

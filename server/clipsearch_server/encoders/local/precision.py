@@ -1,7 +1,7 @@
 """Which floating-point precision the model runs in, chosen from what the hardware does natively.
 
 `auto` (the default) picks the fastest precision whose embeddings stay within the tested
-tolerance of fp32 (cosine >= 0.999 per vector, tests/test_precision.py):
+tolerance of fp32 (cosine >= 0.999 per vector, tests/unit/test_precision.py):
 
 * CUDA: bf16 where the GPU supports it (Ampere and later), else fp16.
 * CPU: bf16 where the CPU has native bf16 matrix instructions, read from the CPU's own feature

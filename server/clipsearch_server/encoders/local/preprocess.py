@@ -15,7 +15,7 @@ from ...images import decode_image
 
 # JPEG draft decoding keeps the short side at least this many times the model's input size,
 # so the transform's own resize still does the final, antialiased, downscale. On the coco128
-# photos this keeps the preprocessed tensor within the tolerance that tests/test_preprocess.py
+# photos this keeps the preprocessed tensor within the tolerance that tests/unit/test_preprocess.py
 # states (mean absolute difference 0.03 in normalised units).
 DRAFT_OVERSAMPLE = 2
 

@@ -74,7 +74,7 @@ class MilvusCollection(CollectionChecks):
                  flush_each_write: bool = False) -> None:
         self.client = client
         # Milvus Lite: its write-ahead log lost acknowledged rows when the front was killed
-        # (tests/test_durability.py), so a write is acknowledged only once flushed.
+        # (tests/e2e/test_durability.py), so a write is acknowledged only once flushed.
         self.flush_each_write = flush_each_write
         self.name = name
         self.milvus_name = milvus_name(name)

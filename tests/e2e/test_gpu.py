@@ -3,7 +3,7 @@
 Stated tolerance: with fp16 or bf16 on the GPU, every image and text embedding of ViT-B-32
 (seeded random weights) has cosine >= 0.999 to the fp32 embedding of the same input, and a
 coco128 self-retrieval finds the same nearest neighbour. fp32 parity with open_clip itself is
-tests/test_parity.py, run with CLIPSEARCH_TEST_DEVICE=cuda.
+tests/e2e/test_parity.py, run with CLIPSEARCH_TEST_DEVICE=cuda.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from clipsearch.upload import iter_batches
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
-CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
+CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 DIM = 4
 
 # Minimal real headers, for tests that must not need Pillow.

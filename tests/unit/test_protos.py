@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROTO = "clipsearch/v1/clipsearch.proto"
 STUBS = ("clipsearch_pb2.py", "clipsearch_pb2.pyi", "clipsearch_pb2_grpc.py",
          "clipsearch_connect.py")

@@ -5,7 +5,7 @@ assembles for those engines (servicer, gRPC server with health and reflection, t
 scikit-learn for Cluster, the Ray encoder's module, a Milvus Lite store opened and closed), then
 asserts that torch, open_clip and hnswlib were never imported: the `front` extra installs none
 of them. A watcher on the import system names the import chain that pulled one in.
-(tests/test_server_e2e.py checks the running ray+milvus front's memory map for libtorch.)
+(tests/e2e/test_server_e2e.py checks the running ray+milvus front's memory map for libtorch.)
 """
 
 from __future__ import annotations
