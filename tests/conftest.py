@@ -55,6 +55,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", 1234)
 
 
+@pytest.fixture()
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No CLIPSEARCH_* variable from the caller's environment reaches the settings."""
+    for key in list(os.environ):
+        if key.startswith("CLIPSEARCH_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

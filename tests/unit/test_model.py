@@ -297,14 +297,6 @@ def test_pretrained_download_impossible_offline(tmp_path: Path) -> None:
 # --- settings -------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in list(os.environ):
-        if key.startswith("CLIPSEARCH_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
-
-
 def test_settings_defaults(clean_env: pytest.MonkeyPatch) -> None:
     s = parse_settings([])
     assert s == Settings()

@@ -3,7 +3,6 @@ environment, the generic checks and README's configuration tables. No server pro
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -59,14 +58,6 @@ def test_parser_has_every_declared_flag_in_its_group() -> None:
         assert f.name in titles[GROUPS[f.metadata["group"]][0]], f.name
         assert f.metadata["help"], f.name
     assert "server and TLS" in parser.format_help()
-
-
-@pytest.fixture()
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in list(os.environ):
-        if key.startswith("CLIPSEARCH_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
 
 
 def test_flag_beats_environment_beats_default(clean_env: pytest.MonkeyPatch) -> None:
