@@ -18,17 +18,14 @@ import argparse
 import contextlib
 import io
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-from common import load, machine, ms, progress, section, table
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common import load, machine, ms, progress, section, start_server, table
 from PIL import Image
 
 from clipsearch.v1 import clipsearch_pb2 as pb
@@ -39,30 +36,10 @@ ITEMS = 5000
 
 def start(tree: Path | None, data_dir: Path) -> tuple[subprocess.Popen, str]:
     """A server from `tree` (None: the installed one), SERVING, with its address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = f"{tree / 'server'}:{tree / 'client'}"
-    log = open(data_dir.parent / f"server-{port}.log", "wb")  # noqa: SIM115 - child keeps it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipsearch_server", "--port", str(port), "--model", "ViT-B-32",
-         "--random-weights", "--data-dir", str(data_dir), "--http-port", "0"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    address = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(3000):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log.name}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, address
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError("server not ready")
+    return start_server("ViT-B-32", data_dir, env=env)
 
 
 def rss_mib(pid: int) -> float:

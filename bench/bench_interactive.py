@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench_throughput import COCO, queries, start_server
-from common import load, machine, ms, progress, section, table
+from common import load, machine, ms, progress, run_for, section, table
 
 from clipsearch import Client
 
@@ -77,14 +77,7 @@ def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
         threads.append(threading.Thread(target=query))
     for t in threads:
         t.start()
-    began = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    elapsed = time.perf_counter() - began
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    elapsed = run_for(threads, stop, seconds, errors)
     return sum(uploaded), elapsed, latencies
 
 

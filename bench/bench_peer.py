@@ -43,7 +43,7 @@ from pathlib import Path
 
 import open_clip
 from bench_throughput import COCO, queries, start_server
-from common import load, machine, ms, progress, section, table
+from common import load, machine, ms, progress, run_for, section, table
 
 from clipsearch import Client
 
@@ -177,14 +177,7 @@ def closed_loop(clients: int, seconds: float, make: Callable[[], Callable[[int],
         for t in threads:
             t.join()
         raise errors[0] from None
-    began = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    elapsed = time.perf_counter() - began
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    elapsed = run_for(threads, stop, seconds, errors)
     p50, p99 = ms(latencies)
     return sum(counts) / elapsed, p50, p99
 

@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -106,6 +107,21 @@ def cpu_flags() -> str:
     return " ".join(f for f in _FLAGS if f in present) or "none of " + " ".join(_FLAGS)
 
 
+def run_for(threads: Sequence[threading.Thread], stop: threading.Event, seconds: float,
+            errors: Sequence[BaseException]) -> float:
+    """Let started worker threads run for `seconds`, stop and join them; the seconds they ran.
+    The first error a worker recorded is raised."""
+    began = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    elapsed = time.perf_counter() - began
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
 def load() -> str:
     """The 1, 5 and 15 minute load averages: other work on the machine skews timings."""
     try:
@@ -114,8 +130,8 @@ def load() -> str:
         return "load average unknown"
 
 
-def start_server(model: str, data_dir: Path, extra: Sequence[str] = (), device: str = "cpu"
-                 ) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, data_dir: Path, extra: Sequence[str] = (), device: str = "cpu",
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """`python -m clipsearch_server` with random weights on a free port, once it is SERVING.
 
     Its log is `server-PORT.log` beside `data_dir`. The HTTP port is off, so that several
@@ -134,7 +150,7 @@ def start_server(model: str, data_dir: Path, extra: Sequence[str] = (), device: 
             [sys.executable, "-m", "clipsearch_server", "--port", str(port), "--model", model,
              "--random-weights", "--data-dir", str(data_dir), "--device", device,
              "--http-port", "0", *extra],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, env=env)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -22,14 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from clipsearch.v1 import clipsearch_pb2, clipsearch_pb2_grpc
 
 from . import analysis
-from .admission import CallBudgetInterceptor, grpc_concurrency_cap
-from .auth import BearerTokenInterceptor, TokenTable, load_tokens, server_credentials
 from .config import Settings, parse_settings
 from .datadir import DataDirBusy, DataDirLock, raise_descriptor_limit
+from .doors.admission import CallBudgetInterceptor, grpc_concurrency_cap
+from .doors.auth import BearerTokenInterceptor, TokenTable, load_tokens, server_credentials
+from .doors.http_limits import grpc_connection_options
+from .doors.http_server import HttpApp, HttpServer
 from .encoders import open_encoder
 from .errors import ClipSearchError, ModelLoadError
-from .http_limits import grpc_connection_options
-from .http_server import HttpApp, HttpServer
 from .observability import Metrics, ObservabilityInterceptor, configure_logging
 from .service import ClipSearchServicer
 from .stores import CollectionRegistry, open_collections
@@ -126,8 +126,7 @@ async def _serve(settings: Settings) -> int:
             await http.start()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             log.error("cannot serve HTTP on %s:%d: %s", settings.http_host, http.port, exc)
-            await server.stop(0)
-            return 2
+            return await _give_up(server, None)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     security = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
                 else "plaintext")
@@ -146,10 +145,7 @@ async def _serve(settings: Settings) -> int:
         encoder = await asyncio.to_thread(open_encoder, settings, metrics)
     except (ModelLoadError, RuntimeError, ClipSearchError) as exc:
         log.error("model load failed: %s", exc)
-        await server.stop(0)
-        if http is not None:
-            await http.stop()
-        return 2
+        return await _give_up(server, http)
     # Joining Ray installs its own SIGTERM handler (a stack dump, then an abort): ours again.
     _install_signal_handlers(stop)
     model = encoder.info
@@ -167,11 +163,8 @@ async def _serve(settings: Settings) -> int:
         await asyncio.to_thread(collections.open_all)
     except (ClipSearchError, OSError) as exc:
         log.error("cannot open the collection store: %s", exc)
-        await server.stop(0)
-        if http is not None:
-            await http.stop()
         encoder.close()
-        return 2
+        return await _give_up(server, http)
     metrics.watch_collections(collections.counts)
     await libraries
     servicer.ready(encoder, collections)
@@ -203,6 +196,14 @@ async def _serve(settings: Settings) -> int:
     encoder.close()
     log.info("stopped")
     return 0
+
+
+async def _give_up(server: grpc.aio.Server, http: HttpServer | None) -> int:
+    """Stop the doors opened so far after a failed start; the exit code of that failure."""
+    await server.stop(0)
+    if http is not None:
+        await http.stop()
+    return 2
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:

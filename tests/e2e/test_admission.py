@@ -78,7 +78,7 @@ def test_service_calls_keep_their_own_cap() -> None:
     """ClipSearch calls beyond --max-concurrent-rpcs are refused by the budget, not grpc."""
     import asyncio
 
-    from clipsearch_server.admission import CallBudgetInterceptor
+    from clipsearch_server.doors.admission import CallBudgetInterceptor
 
     release = asyncio.Event()
 

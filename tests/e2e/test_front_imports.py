@@ -37,11 +37,11 @@ SCRIPT = textwrap.dedent("""
     sys.meta_path.insert(0, Watcher())
 
     from clipsearch_server import analysis, app
-    from clipsearch_server.admission import CallBudgetInterceptor
-    from clipsearch_server.auth import TokenTable
+    from clipsearch_server.doors.admission import CallBudgetInterceptor
+    from clipsearch_server.doors.auth import TokenTable
     from clipsearch_server.config import parse_settings
     from clipsearch_server.encoders import ray_serve  # what open_encoder imports for ray
-    from clipsearch_server.http_server import HttpApp, HttpServer
+    from clipsearch_server.doors.http_server import HttpApp, HttpServer
     from clipsearch_server.observability import Metrics, ObservabilityInterceptor
     from clipsearch_server.service import ClipSearchServicer
     from clipsearch_server.stores import open_collections

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipsearch import Client, ClipSearchError
 from clipsearch.v1 import clipsearch_pb2 as pb
-from clipsearch_server.auth import (
+from clipsearch_server.doors.auth import (
     ADMIN,
     METHOD_SCOPES,
     READ,

@@ -23,7 +23,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipsearch_server.config import Settings, parse_settings, validate
-from clipsearch_server.http_limits import HttpLimits, grpc_connection_options, guarded_protocol
+from clipsearch_server.doors.http_limits import (
+    HttpLimits,
+    grpc_connection_options,
+    guarded_protocol,
+)
 from conftest import ServerProcess
 
 HEAD_S = 2.0  # --http-header-timeout-s

@@ -27,8 +27,9 @@ from connectrpc.request import Headers, RequestContext
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 
+from ..config import Settings
+from ..thumbnails import CONTENT_TYPE as THUMBNAIL_TYPE
 from .auth import TokenTable
-from .config import Settings
 from .connect_bridge import CLIENT_GONE, SERVICE, ConnectApp
 from .http_gate import (
     HTTP_STATUS,
@@ -41,7 +42,6 @@ from .http_gate import (
     send_text,
 )
 from .http_limits import HttpLimits, guarded_protocol
-from .thumbnails import CONTENT_TYPE as THUMBNAIL_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class HttpApp:
 
 
 def _page_file(name: str, kind: str) -> tuple[bytes, str, bytes]:
-    body = resources.files("clipsearch_server.web").joinpath(name).read_bytes()
+    body = resources.files("clipsearch_server.doors.web").joinpath(name).read_bytes()
     return body, kind, _etag(body)
 
 

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .config import Settings
+from ..config import Settings
 
 log = logging.getLogger(__name__)
 

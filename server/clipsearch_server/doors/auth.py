@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
