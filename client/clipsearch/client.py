@@ -265,7 +265,7 @@ class Client(AnalysisMixin):
     def get(
         self, collection: str, ids: Sequence[str], *, include_vectors: bool = False
     ) -> list[Record]:
-        """Fetches items by id, in request order; ids that are not stored are left out."""
+        """Fetches items by id, in request order, each id once; ids not stored are left out."""
         records: list[Record] = []
         for chunk in _id_chunks(ids):
             request = pb.GetItemsRequest(
