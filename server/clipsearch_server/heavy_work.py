@@ -58,10 +58,6 @@ class StopCheck:
             raise DeadlineExceeded("the call's deadline passed while it ran")
 
 
-def never_stop() -> None:
-    """The StopCheck of work that nobody can cancel (tests, tools)."""
-
-
 class HeavyCall:
     """One admitted heavy call: runs its blocking steps in the heavy pool."""
 
@@ -120,9 +116,6 @@ class HeavyWork:
             self._per_caller[caller] -= 1
             if not self._per_caller[caller]:
                 del self._per_caller[caller]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> str:
