@@ -36,6 +36,14 @@ from .stores import CollectionRegistry, open_collections
 
 log = logging.getLogger("clipsearch_server")
 
+# Each part of the server receives only its groups of settings (settings.SettingsView);
+# app.py, which assembles them, is the one place that holds them all.
+ENCODER = ("model", "limits", "engines")
+STORE = ("index", "engines")
+SERVICER = ("limits", "index", "model")
+HTTP_APP = ("http", "limits")
+HTTP_DOOR = ("http", "server")
+GRPC_DOOR = ("server",)
 SERVICE_NAME = clipsearch_pb2.DESCRIPTOR.services_by_name["ClipSearchService"].full_name
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: this server's embeddings are meaningless for search; use it only to try "
@@ -94,10 +102,10 @@ async def _serve(settings: Settings) -> int:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             # keepalive, idle and age limits, handshake timeout, connection limit
-            *grpc_connection_options(settings),
+            *grpc_connection_options(settings.only(*GRPC_DOOR)),
         ],
     )
-    servicer = ClipSearchServicer(settings)
+    servicer = ClipSearchServicer(settings.only(*SERVICER))
     clipsearch_pb2_grpc.add_ClipSearchServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -114,7 +122,8 @@ async def _serve(settings: Settings) -> int:
         if settings.metrics_port:
             metrics.serve_http(settings.metrics_host, settings.metrics_port)
         # The same servicer and interceptors answer HTTP calls (Connect, gRPC-Web, JSON).
-        http = (HttpServer(HttpApp(servicer, interceptors, settings, tokens), settings)
+        http = (HttpServer(HttpApp(servicer, interceptors, settings.only(*HTTP_APP), tokens),
+                           settings.only(*HTTP_DOOR))
                 if settings.http_port else None)
     except (RuntimeError, OSError) as exc:
         log.error("cannot listen on %s (HTTP %s:%d): %s", address, settings.http_host,
@@ -142,7 +151,7 @@ async def _serve(settings: Settings) -> int:
         # scikit-learn's import holds the GIL for seconds: done now, beside the model load,
         # rather than in the first Cluster call while searches wait.
         libraries = asyncio.create_task(asyncio.to_thread(analysis.import_libraries))
-        encoder = await asyncio.to_thread(open_encoder, settings, metrics)
+        encoder = await asyncio.to_thread(open_encoder, settings.only(*ENCODER), metrics)
     except (ModelLoadError, RuntimeError, ClipSearchError) as exc:
         log.error("model load failed: %s", exc)
         return await _give_up(server, http)
@@ -159,7 +168,7 @@ async def _serve(settings: Settings) -> int:
         log.warning(RANDOM_WEIGHTS_WARNING)
 
     try:
-        collections = open_collections(settings, model.dim, model.fingerprint)
+        collections = open_collections(settings.only(*STORE), model.dim, model.fingerprint)
         await asyncio.to_thread(collections.open_all)
     except (ClipSearchError, OSError) as exc:
         log.error("cannot open the collection store: %s", exc)

@@ -18,12 +18,12 @@ from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
 from . import __version__, wire
 from .analysis_rpcs import AnalysisRpcs
-from .config import Settings
 from .encoders import Embedded, Encoder, ModelInfo
 from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
 from .heavy_work import HeavyWork
 from .priority import background_pool
 from .reply_budget import ReplyBudget, with_thumbnails
+from .settings import AnySettings
 from .stores import CollectionRegistry
 from .stores.base import CollectionInfo, NewItem, Record, check_name
 from .stores.base import CollectionStore as Collection
@@ -36,7 +36,7 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
     """Implements clipsearch.v1.ClipSearchService (Recommend, Classify, FindDuplicates and
     Cluster come from the AnalysisRpcs mixin)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: AnySettings) -> None:
         self.settings = settings
         self._encoder: Encoder | None = None
         self._collections: CollectionRegistry | None = None

@@ -315,6 +315,55 @@ class Settings:
             return "random weights"
         return f"pretrained tag {self.pretrained}"
 
+    def only(self, *groups: str) -> SettingsView:
+        """This part's share of the settings: the fields of `groups`, and nothing else."""
+        return SettingsView(self, groups)
+
+
+# Derived values: the groups a property reads from.
+_PROPERTY_GROUPS = {"weights_source": ("model",)}
+
+
+class SettingsView:
+    """Read-only settings limited to some groups, so each part of the server sees its own.
+
+    The encoder gets the model's settings, the store the index's, a door its own; reading
+    another group's field raises AttributeError naming the group, so a part that quietly
+    starts depending on someone else's setting fails its tests instead.
+    """
+
+    __slots__ = ("_settings", "groups")
+
+    def __init__(self, settings: Settings, groups: tuple[str, ...]) -> None:
+        unknown = sorted(set(groups) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"unknown setting groups: {', '.join(unknown)}")
+        self._settings = settings
+        self.groups = groups
+
+    def __getattr__(self, name: str) -> Any:
+        wanted = _PROPERTY_GROUPS.get(name) or (group_of(name),)
+        missing = [g for g in wanted if g not in self.groups]
+        if missing:
+            raise AttributeError(f"{name} is a {missing[0]!r} setting; this part receives "
+                                 f"only {', '.join(self.groups)}")
+        return getattr(self._settings, name)
+
+    def __repr__(self) -> str:
+        return f"SettingsView({', '.join(self.groups)})"
+
+
+# What a part of the server accepts: its share (the running server) or all (tests, tools).
+AnySettings = Settings | SettingsView
+
+
+def group_of(name: str) -> str:
+    """The argument group a setting is declared in (AttributeError for no such setting)."""
+    spec = Settings.__dataclass_fields__.get(name)
+    if spec is None:
+        raise AttributeError(f"no setting named {name!r}")
+    return str(spec.metadata["group"])
+
 
 def flag_of(name: str) -> str:
     """The command-line flag of a setting: max_k -> --max-k."""

@@ -13,6 +13,7 @@ from clipsearch_server.config import Settings, build_parser, parse_settings, val
 from clipsearch_server.settings import GROUPS, MAX_TIMEOUT_S, env_of, flag_of
 
 # README's configuration tables, by their header rows; the first cell names the flags.
+SERVER = Path(__file__).resolve().parents[2] / "server" / "clipsearch_server"
 TABLE_HEADERS = ("| flag | default | meaning |", "| setting | values | what it chooses |")
 
 
@@ -123,3 +124,56 @@ def test_validate_messages(changes: dict, message: str) -> None:
 
 def test_defaults_are_valid() -> None:
     assert validate(Settings()) is None
+
+
+def test_a_view_gives_its_groups_and_refuses_the_rest() -> None:
+    view = Settings(max_k=7, hnsw_m=24).only("limits", "model")
+    assert view.max_k == 7
+    assert view.weights_source.startswith("pretrained tag")  # a property of the model group
+    with pytest.raises(AttributeError, match="hnsw_m is a 'index' setting"):
+        _ = view.hnsw_m
+    with pytest.raises(AttributeError, match="no setting named"):
+        _ = view.no_such_setting
+    with pytest.raises(ValueError, match="unknown setting groups: nope"):
+        Settings().only("nope")
+
+
+# The modules each share of app.py is handed to, and the names they call it by.
+_PARTS = {
+    "ENCODER": ["encoders/__init__.py", "encoders/local/encoder.py", "encoders/local/model.py",
+                "encoders/ray_serve.py"],
+    "STORE": ["stores/__init__.py"],
+    "SERVICER": ["service.py", "analysis_rpcs.py"],
+    "HTTP_APP": ["doors/http_server.py:HttpApp"],
+    "HTTP_DOOR": ["doors/http_server.py:HttpServer", "doors/http_limits.py:HttpLimits"],
+    "GRPC_DOOR": ["doors/http_limits.py:grpc_connection_options"],
+}
+
+
+def _settings_read(source: str) -> set[str]:
+    """The setting names a piece of code reads, as settings.X, self.settings.X or s.X."""
+    return set(re.findall(r"\b(?:settings|s)\.([a-z_][a-z0-9_]*)\b", source))
+
+
+def _part_source(spec: str) -> str:
+    path, _, name = spec.partition(":")
+    source = (SERVER / path).read_text()
+    if not name:
+        return source
+    start = re.search(rf"^(class|def) {name}\b", source, re.M)
+    assert start, spec
+    end = re.search(r"^(class|def) ", source[start.end():], re.M)
+    return source[start.start():start.end() + end.start() if end else None]
+
+
+@pytest.mark.parametrize("share", sorted(_PARTS))
+def test_each_part_reads_only_the_groups_it_receives(share: str) -> None:
+    from clipsearch_server import app
+    from clipsearch_server.settings import _PROPERTY_GROUPS, group_of
+
+    groups = set(getattr(app, share))
+    declared = {f.name for f in fields(Settings)} | set(_PROPERTY_GROUPS)
+    for spec in _PARTS[share]:
+        for name in _settings_read(_part_source(spec)) & declared:
+            needs = set(_PROPERTY_GROUPS.get(name, (group_of(name),)))
+            assert needs <= groups, f"{spec} reads {name} ({needs}) but gets only {groups}"

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..config import Settings
+from ..settings import AnySettings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class HttpLimits:
     max_connections: int = 512  # 0 = no limit
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> HttpLimits:
+    def from_settings(cls, settings: AnySettings) -> HttpLimits:
         return cls(header_timeout_s=settings.http_header_timeout_s,
                    body_timeout_s=settings.http_body_timeout_s,
                    max_connections=settings.http_max_connections)
@@ -276,7 +276,7 @@ def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpProtocol]:
 INT_MAX = 2**31 - 1  # gRPC core's millisecond arguments are C ints
 
 
-def grpc_connection_options(settings: Settings) -> list[tuple[str, int]]:
+def grpc_connection_options(settings: AnySettings) -> list[tuple[str, int]]:
     """gRPC core channel arguments for the server's keepalive, connection ages and limits.
 
     Keepalive pings are sent on connections with calls and idle ones alike (permit without

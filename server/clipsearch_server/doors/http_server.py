@@ -27,7 +27,7 @@ from connectrpc.request import Headers, RequestContext
 
 from clipsearch.v1 import clipsearch_pb2 as pb
 
-from ..config import Settings
+from ..settings import AnySettings
 from ..thumbnails import CONTENT_TYPE as THUMBNAIL_TYPE
 from .auth import TokenTable
 from .connect_bridge import CLIENT_GONE, SERVICE, ConnectApp
@@ -68,7 +68,7 @@ class HttpApp:
     """Routes a request to the Connect application, the thumbnail endpoint or the page, after
     the checks a request passes on its head alone (http_gate.py)."""
 
-    def __init__(self, servicer: object, interceptors: list, settings: Settings,
+    def __init__(self, servicer: object, interceptors: list, settings: AnySettings,
                  tokens: TokenTable) -> None:
         self.connect = ConnectApp(servicer, interceptors,
                                   max_in_flight=settings.max_concurrent_rpcs,
@@ -185,7 +185,7 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """uvicorn serving HttpApp on a socket we bind ourselves (so a busy port is our error)."""
 
-    def __init__(self, app: HttpApp, settings: Settings) -> None:
+    def __init__(self, app: HttpApp, settings: AnySettings) -> None:
         self.settings = settings
         self.sock = _bind(settings.http_host, settings.http_port)
         self.port: int = self.sock.getsockname()[1]

@@ -9,14 +9,14 @@ never loads torch or open_clip.
 
 from __future__ import annotations
 
-from ..config import Settings
 from ..observability import Metrics
+from ..settings import AnySettings
 from .base import Embedded, Encoder, ModelInfo
 
 __all__ = ["Embedded", "Encoder", "ModelInfo", "open_encoder"]
 
 
-def open_encoder(settings: Settings, metrics: Metrics | None = None) -> Encoder:
+def open_encoder(settings: AnySettings, metrics: Metrics | None = None) -> Encoder:
     """The encoder `settings.encoder` names, ready to embed (blocking: call off the loop)."""
     if settings.encoder == "ray":
         from .ray_serve import RayEncoder

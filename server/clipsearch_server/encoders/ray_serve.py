@@ -36,7 +36,6 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
-from ..config import Settings
 from ..errors import (
     ClipSearchError,
     DeadlineExceeded,
@@ -44,6 +43,7 @@ from ..errors import (
     ResourceExhausted,
     Unavailable,
 )
+from ..settings import AnySettings
 from .base import Embedded, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class RayEncoder:
     _joined_by_us = False
 
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, max_batch_size: int,
-                 settings: Settings) -> None:
+                 settings: AnySettings) -> None:
         self.handle = handle
         self.info = info
         self.max_batch_size = max(1, max_batch_size)
@@ -75,7 +75,7 @@ class RayEncoder:
         RayEncoder._open += 1
 
     @classmethod
-    def connect(cls, settings: Settings, wait_s: float = 60.0) -> RayEncoder:
+    def connect(cls, settings: AnySettings, wait_s: float = 60.0) -> RayEncoder:
         """Join the cluster, find the app and ask a replica for its model (blocking).
 
         Waits up to `wait_s` for an app that is still deploying; raises ModelLoadError, saying
@@ -197,7 +197,7 @@ class RayEncoder:
             raise _mapped(exc, self.app_name) from None
 
 
-def _find_app(settings: Settings, wait_s: float) -> tuple[DeploymentHandle, ModelInfo, int]:
+def _find_app(settings: AnySettings, wait_s: float) -> tuple[DeploymentHandle, ModelInfo, int]:
     """The app's handle, its model and batch size, once a replica answers (or ModelLoadError)."""
     give_up = time.monotonic() + wait_s
     problem: BaseException | None = None

@@ -9,13 +9,13 @@ an engine's package is imported only when chosen.
 
 from __future__ import annotations
 
-from ..config import Settings
+from ..settings import AnySettings
 from .base import CollectionRegistry, CollectionStore
 
 __all__ = ["CollectionRegistry", "CollectionStore", "open_collections"]
 
 
-def open_collections(settings: Settings, dim: int, fingerprint: str) -> CollectionRegistry:
+def open_collections(settings: AnySettings, dim: int, fingerprint: str) -> CollectionRegistry:
     """The registry `settings.store` names, not yet opened (call `open_all` off the loop)."""
     if settings.store == "milvus":
         from .milvus import MilvusCollections

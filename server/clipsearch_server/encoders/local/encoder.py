@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ...config import Settings
 from ...observability import Metrics
+from ...settings import AnySettings
 from ..base import Embedded, ModelInfo
 from .device_decode import device_decoder
 from .embedder import Embedder
@@ -22,7 +22,7 @@ def model_info(model: ClipModel) -> ModelInfo:
         load_seconds=model.load_seconds)
 
 
-def start_embedder(model: ClipModel, settings: Settings, metrics: Metrics | None) -> Embedder:
+def start_embedder(model: ClipModel, settings: AnySettings, metrics: Metrics | None) -> Embedder:
     """The decode pool, query cache and batcher in front of a loaded model, as configured."""
     decoder = device_decoder(model.transform, model.device, settings.max_image_pixels,
                              settings.device_decode)
@@ -45,7 +45,7 @@ class LocalEncoder:
         self.info = model_info(model)
 
     @classmethod
-    def start(cls, settings: Settings, metrics: Metrics | None = None) -> LocalEncoder:
+    def start(cls, settings: AnySettings, metrics: Metrics | None = None) -> LocalEncoder:
         """Load the model and start its embedder (blocking; raises ModelLoadError)."""
         model = load_model(settings)
         return cls(model, start_embedder(model, settings, metrics))

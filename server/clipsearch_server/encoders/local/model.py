@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from ...catalog import bundled_config_dir
-from ...config import Settings
 from ...errors import ModelLoadError
+from ...settings import AnySettings
 from .precision import choose_precision
 from .preflight import WeightsUnavailable, check_weights_reachable
 
@@ -157,7 +157,7 @@ def register_model_configs(extra_dir: Path | None) -> None:
         open_clip.add_model_config(extra_dir)
 
 
-def fingerprint_of(settings: Settings) -> str:
+def fingerprint_of(settings: AnySettings) -> str:
     """Names the embedding space: same model and weights give the same fingerprint."""
     if settings.checkpoint is not None:
         digest = hashlib.sha256()
@@ -195,7 +195,7 @@ def _check_pretrained_tag(name: str, tag: str) -> None:
         )
 
 
-def load_model(settings: Settings) -> ClipModel:
+def load_model(settings: AnySettings) -> ClipModel:
     """Build the model the settings describe, or raise ModelLoadError saying what to do."""
     started = time.perf_counter()
     register_model_configs(settings.model_config_dir)
@@ -269,7 +269,7 @@ def _embed_dim(module: torch.nn.Module, name: str) -> int:
         return int(module.encode_text(open_clip.get_tokenizer(name)(["x"])).shape[-1])
 
 
-def _explain_failure(settings: Settings, exc: Exception) -> str:
+def _explain_failure(settings: AnySettings, exc: Exception) -> str:
     offline = (
         "Offline choices: --checkpoint PATH (a local open_clip checkpoint file, e.g. the "
         "open_clip_pytorch_model.bin of the model's Hugging Face page), or --random-weights "
