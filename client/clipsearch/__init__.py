@@ -10,7 +10,7 @@ from clipsearch.client import Client
 from clipsearch.errors import BatchError, ClipSearchError, ItemFailure, PartialWriteError
 from clipsearch.filters import to_filter
 from clipsearch.images import ImageInput
-from clipsearch.results import CollectionInfo, Hit, Record, ServerInfo
+from clipsearch.results import CollectionInfo, Hit, Record, ServerInfo, TowerTuning
 
 try:
     __version__ = version("clipsearch")
@@ -33,6 +33,7 @@ __all__ = [
     "PartialWriteError",
     "Record",
     "ServerInfo",
+    "TowerTuning",
     "__version__",
     "to_filter",
 ]

@@ -62,15 +62,29 @@ class ServerInfo:
     precision_reason: str = ""  # why the server runs in `precision` (auto's choice)
     # Collections on disk the server could not open at start: name -> reason. Not served.
     unavailable_collections: dict[str, str] = field(default_factory=dict)
+    backend: str = ""  # torch or onnxruntime
+    backend_reason: str = ""  # why (what --backend auto measured)
+    # What the server measured of each tower ("image", "text") and chose from it.
+    towers: dict[str, TowerTuning] = field(default_factory=dict)
 
     @classmethod
     def _from_proto(cls, r: pb.GetServerInfoResponse) -> ServerInfo:
         unavailable = {u.name: u.reason for u in r.unavailable_collections}
+        towers = {t.tower: TowerTuning(t.batch_size, t.inputs_per_second, t.reason)
+                  for t in r.towers}
         # Every other field is the response's field of the same name.
-        same = {
-            f.name: getattr(r, f.name) for f in fields(cls) if f.name != "unavailable_collections"
-        }
-        return cls(**same, unavailable_collections=unavailable)
+        same = {f.name: getattr(r, f.name) for f in fields(cls)
+                if f.name not in ("unavailable_collections", "towers")}
+        return cls(**same, unavailable_collections=unavailable, towers=towers)
+
+
+@dataclass(frozen=True)
+class TowerTuning:
+    """One tower's measured speed on the server and the bulk batch size chosen from it."""
+
+    batch_size: int
+    inputs_per_second: float  # model time only: the ceiling for end-to-end throughput
+    reason: str
 
 
 @dataclass

@@ -40,7 +40,7 @@ log = logging.getLogger("clipsearch_server")
 # app.py, which assembles them, is the one place that holds them all.
 ENCODER = ("model", "limits", "engines")
 STORE = ("index", "engines")
-SERVICER = ("limits", "index", "model")
+SERVICER = ("limits", "index")
 HTTP_APP = ("http", "limits")
 HTTP_DOOR = ("http", "server")
 GRPC_DOOR = ("server",)

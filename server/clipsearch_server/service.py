@@ -21,13 +21,12 @@ from .analysis_rpcs import AnalysisRpcs
 from .encoders import Embedded, Encoder, ModelInfo
 from .errors import ClipSearchError, InvalidArgument, NotFound, Unavailable
 from .heavy_work import HeavyWork
-from .priority import background_pool
 from .reply_budget import ReplyBudget, with_thumbnails
 from .settings import AnySettings
 from .stores import CollectionRegistry
 from .stores.base import CollectionInfo, NewItem, Record, check_name
 from .stores.base import CollectionStore as Collection
-from .thumbnails import DEFAULT_THUMBNAIL_SIZE, check_size, make_thumbnails
+from .thumbnails import DEFAULT_THUMBNAIL_SIZE, check_size
 
 Ctx = grpc.aio.ServicerContext
 
@@ -40,8 +39,6 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         self.settings = settings
         self._encoder: Encoder | None = None
         self._collections: CollectionRegistry | None = None
-        # Thumbnails are bulk work: they yield the CPU to queries (priority.py).
-        self._thumbnail_pool = background_pool(settings.decode_threads, "clipsearch-thumbnail")
         self.heavy = HeavyWork(settings.max_heavy_calls, settings.max_heavy_calls_per_caller)
 
     def ready(self, encoder: Encoder, collections: CollectionRegistry) -> None:
@@ -153,26 +150,23 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
         if (images or texts) and existing is not None:
             existing.check_model(self.model.fingerprint)
         deadline = wire.deadline(context)
-        # Thumbnails are made while the model embeds the same images.
+        # The encoder makes the thumbnails from the pictures it decodes for the model.
         size = existing.thumbnail_size if existing is not None else DEFAULT_THUMBNAIL_SIZE
-        thumbnailing = asyncio.get_running_loop().run_in_executor(
-            self._thumbnail_pool, make_thumbnails, [b for _, b in images], size,
-            self.settings.max_image_pixels)
-        try:
-            for positions, embedded in (
-                ([i for i, _ in images],
-                 await self._embed_images([b for _, b in images], deadline, bulk=True)),
-                ([i for i, _ in texts],
-                 await self._embed_texts([t for _, t in texts], deadline, bulk=True)),
-            ):
-                for row, i in enumerate(positions):
-                    if row in embedded.errors:
-                        errors[i] = embedded.errors[row]
-                    else:
-                        vectors[i] = embedded.vectors[row]
-            thumbs = dict(zip([i for i, _ in images], await thumbnailing, strict=True))
-        finally:
-            thumbnailing.cancel()  # no-op once done; an error above leaves it unused
+        thumbs: dict[int, bytes | None] = {}
+        for positions, embedded in (
+            ([i for i, _ in images],
+             await self._embed_images([b for _, b in images], deadline, bulk=True,
+                                      thumbnail_size=size)),
+            ([i for i, _ in texts],
+             await self._embed_texts([t for _, t in texts], deadline, bulk=True)),
+        ):
+            for row, i in enumerate(positions):
+                if row in embedded.errors:
+                    errors[i] = embedded.errors[row]
+                else:
+                    vectors[i] = embedded.vectors[row]
+                if embedded.thumbnails is not None:
+                    thumbs[i] = embedded.thumbnails[row]
         new_items = [NewItem(request.items[i].id, vectors[i], metadata[i], thumbs.get(i))
                      for i in sorted(vectors) if i not in errors]
         written = 0
@@ -284,14 +278,18 @@ class ClipSearchServicer(AnalysisRpcs, pb_grpc.ClipSearchServiceServicer):
             unavailable_collections=[
                 pb.UnavailableCollection(name=name, reason=reason)
                 for name, reason in sorted(self.collections.unavailable.items())],
+            backend=m.backend, backend_reason=m.backend_reason,
+            towers=[pb.TowerTuning(tower=t.tower, batch_size=t.batch_size,
+                                   inputs_per_second=t.inputs_per_second, reason=t.reason)
+                    for t in self.embedder.tuning()],
         )
 
     # --- helpers --------------------------------------------------------------------------
     async def _embed_images(self, images: list[bytes], deadline: float | None,
-                            bulk: bool = False) -> Embedded:
+                            bulk: bool = False, thumbnail_size: int = 0) -> Embedded:
         if not images:
             return Embedded(np.zeros((0, self.model.dim), np.float32), {})
-        return await self.embedder.embed_images(images, deadline, bulk)
+        return await self.embedder.embed_images(images, deadline, bulk, thumbnail_size)
 
     async def _embed_texts(self, texts: list[str], deadline: float | None,
                            bulk: bool = False) -> Embedded:

@@ -211,8 +211,9 @@ class Settings:
         2.0, "how long a model batch that is not full waits for inputs from other calls",
         group="model", **_NON_NEGATIVE)
     max_model_call_ms: float = setting(
-        100.0, "bulk model batches run as calls of about this long (sized from the measured "
-        "cost per input), so a search waits for at most one; 0 = whole batches",
+        100.0, "on towers that cannot pause mid-call for a search (not a ViT image tower under "
+        "torch), bulk calls are kept within this long when a measured batch size allows; "
+        "0 = whole batches",
         group="model", **_NON_NEGATIVE)
     text_cache_size: int = setting(
         4096, "recent query texts whose embeddings are kept; 0 = no cache",

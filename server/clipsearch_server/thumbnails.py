@@ -1,8 +1,10 @@
 """Small WebP previews of image items, kept in the collection's database for the search page.
 
-A thumbnail is made from the same bytes that were embedded, with the same decoder (formats,
-decompression-bomb guard, EXIF orientation, colour modes), so an image that was accepted always
-gets one. Large JPEGs decode at a reduced scale first, which makes this cheap next to the model.
+The encoder makes a thumbnail from the picture it has already decoded for the model
+(`thumbnail_of`), so ingest decodes each image once. Where the model's input is decoded
+elsewhere (JPEGs on the GPU), `make_thumbnail` decodes the bytes on the host with the same
+decoder (formats, decompression-bomb guard, EXIF orientation, colour modes), a large JPEG at a
+reduced scale, so an image that was accepted always gets one.
 """
 
 from __future__ import annotations
@@ -29,23 +31,19 @@ def check_size(size: int) -> None:
             "thumbnail_size")
 
 
-def make_thumbnail(data: bytes, long_side: int, max_pixels: int) -> bytes:
-    """The image scaled to fit `long_side` x `long_side` (never enlarged), as WebP bytes."""
-    img = decode_image(data, max_pixels, draft_size=long_side)
-    img.thumbnail((long_side, long_side), Image.Resampling.LANCZOS)
+def thumbnail_of(img: Image.Image, long_side: int) -> bytes:
+    """A decoded picture scaled to fit `long_side` x `long_side` (never enlarged), as WebP.
+
+    Scales `img` in place: call it once the picture's other uses are done.
+    """
+    # reducing_gap: a cheap box reduction first, then Lanczos over a few times the target;
+    # visually the same as Lanczos alone and several times faster from a large picture.
+    img.thumbnail((long_side, long_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
     out = io.BytesIO()
     img.save(out, format="WEBP", quality=WEBP_QUALITY, method=2)  # 4 costs 25 % more, same size
     return out.getvalue()
 
 
-def make_thumbnails(images: list[bytes], long_side: int, max_pixels: int) -> list[bytes | None]:
-    """One thumbnail per image (None where the size is 0 or the image cannot be decoded)."""
-    if long_side == 0:
-        return [None] * len(images)
-    out: list[bytes | None] = []
-    for data in images:
-        try:
-            out.append(make_thumbnail(data, long_side, max_pixels))
-        except InvalidArgument:
-            out.append(None)  # the embedder reports the error; nothing is written for it
-    return out
+def make_thumbnail(data: bytes, long_side: int, max_pixels: int) -> bytes:
+    """The image's thumbnail from its bytes (a JPEG decodes at a reduced scale)."""
+    return thumbnail_of(decode_image(data, max_pixels, draft_size=long_side), long_side)

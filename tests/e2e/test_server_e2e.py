@@ -70,23 +70,33 @@ def test_batch_reports_bad_items_without_failing_neighbours(client: Client) -> N
     np.testing.assert_allclose(err.vectors[[0, 2]], client.embed_images(good), atol=1e-6)
 
 
-def test_coco_each_image_finds_itself_first(client: Client) -> None:
+def test_coco_each_image_finds_itself_first(client: Client, engine: Engine) -> None:
     files = coco_images()
     name = unique("coco")
     ids = [f"{f.parent.name}/{f.name}" for f in files]
     written = client.upsert(name, ids=ids, images=files,
                             metadata=[{"file": f.name, "split": f.parent.name} for f in files])
     assert written == len(files) == client.count(name)
+    # A query image runs alone and an upload in batches; in bf16 the kernels of different
+    # batch sizes round differently. Each is within cosine 0.999 of fp32 (bf16's stated
+    # tolerance), so the two are within twice that angle: cosine 2 * 0.999^2 - 1 = 0.996.
+    same = 4e-3 if client.info().precision == "bf16" else 1e-4
     for id_, f in zip(ids, files, strict=True):
         by_bytes = client.search(name, image=f.read_bytes(), k=5)
         assert by_bytes[0].id == id_
-        assert by_bytes[0].score == pytest.approx(1.0, abs=1e-4)
+        assert by_bytes[0].score == pytest.approx(1.0, abs=same)
         assert by_bytes[0].metadata == {"file": f.name, "split": f.parent.name}
         by_id = client.search(name, id=id_, k=5)
         assert by_id[0].id == id_
     text_hits = client.search(name, text="a photo of a dog", k=7)
     assert len(text_hits) == 7
     assert all(a.score >= b.score for a, b in itertools.pairwise(text_hits))
+    if not engine.name.startswith("ray"):  # a Ray front has no model to measure
+        # The towers' measured speed and the bulk batch size chosen from it.
+        image = client.info().towers["image"]
+        assert image.batch_size in (1, 2, 4, 8, 16, 32, 64) and image.inputs_per_second > 0
+        assert f" {image.batch_size}: " in image.reason.replace("{", " ")  # it was measured
+        assert client.info().backend == "torch"
 
 
 def test_upsert_replaces_and_delete_removes(client: Client) -> None:

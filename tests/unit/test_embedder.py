@@ -15,6 +15,7 @@ from clipsearch_server.encoders.local.embedder import Embedder
 from clipsearch_server.encoders.local.model import load_model
 from clipsearch_server.errors import DeadlineExceeded, ResourceExhausted
 from clipsearch_server.observability import Metrics
+from conftest import coco_images
 
 
 class FakeModel:
@@ -143,14 +144,14 @@ def test_repeated_query_texts_come_from_the_cache(model) -> None:
 
 @pytest.mark.parametrize("max_call_s", [0.0, 60.0])
 def test_a_running_bulk_batch_lets_a_query_through_between_its_calls(max_call_s: float) -> None:
-    """A bulk batch runs as calls of about max_call_s (sized by the measured cost per input):
-    a query that arrives while one runs is served before the next, not after the whole batch.
-    max_call_s 0 runs batches whole, the old behaviour."""
+    """On a modality that cannot pause mid-call, a bulk batch runs as calls kept within
+    max_call_s (sized by the measured cost per input): a query that arrives while one runs is
+    served before the next, not after the whole batch. max_call_s 0 runs batches whole."""
     fake = FakeModel()
     fake.release.clear()
     batcher = Batcher({"text": fake.encode}, max_batch=8, max_wait_s=0, max_queued=64,
                       max_call_s=max_call_s)
-    batcher._seconds_per_input["text"] = 30.0  # measured: 2 inputs (a power of two) fit 60 s
+    batcher._cost[("text", 2)] = 30.0  # measured: 2 inputs (a power of two) fit 60 s
 
     async def go() -> np.ndarray:
         bulk = asyncio.ensure_future(batcher.submit("text", [f"b{i}" * i for i in range(8)],
@@ -173,23 +174,133 @@ def test_a_running_bulk_batch_lets_a_query_through_between_its_calls(max_call_s:
         assert [len(b) for b in fake.batches] == [8, 1]
 
 
-def test_call_size_follows_the_measured_cost() -> None:
+def _measured(batcher: Batcher, costs: dict[int, float], modality: str = "text") -> None:
+    batcher._cost = {(modality, size): cost for size, cost in costs.items()}
+
+
+def test_call_size_doubles_while_it_pays_and_keeps_the_smallest_fastest() -> None:
+    batcher = Batcher({"text": FakeModel().encode}, max_batch=64, max_wait_s=0, max_queued=4,
+                      max_call_s=100.0)
+    assert batcher.call_size("text") == 4  # nothing measured: a small call measures it
+    _measured(batcher, {4: 1.0})
+    assert batcher.call_size("text") == 8  # bigger may be faster: try it
+    _measured(batcher, {4: 1.0, 8: 0.8})
+    assert batcher.call_size("text") == 16
+    _measured(batcher, {4: 1.0, 8: 0.8, 16: 0.79})  # 16 is not worth it: 8
+    assert batcher.call_size("text") == 8
+    _measured(batcher, {4: 1.0, 8: 1.2})  # 8 is slower: stay at 4, stop exploring
+    assert batcher.call_size("text") == 4
+    _measured(batcher, {4: 1.0, 8: 0.5, 16: 0.3, 32: 0.2, 64: 0.1})
+    assert batcher.call_size("text") == 64  # never past max_batch
+    batcher.max_call_s = 0
+    assert batcher.call_size("text") == 64  # whole batches, as asked
+    batcher.close()
+
+
+def test_a_call_that_cannot_pause_is_kept_within_max_call_s() -> None:
     batcher = Batcher({"text": FakeModel().encode}, max_batch=64, max_wait_s=0, max_queued=4,
                       max_call_s=0.1)
-    assert batcher.call_size("text") == 4  # not measured yet: a small call measures it
-    batcher._seconds_per_input["text"] = 0.025
-    assert batcher.call_size("text") == 4
-    batcher._seconds_per_input["text"] = 0.015  # 6.7 fit: the nearest power of two
+    _measured(batcher, {4: 0.02, 8: 0.01})  # 8 is faster, but 16 x 0.01 would be 160 ms
     assert batcher.call_size("text") == 8
-    batcher._seconds_per_input["text"] = 0.028  # 3.6 fit: 4, not 2
+    _measured(batcher, {4: 0.03, 8: 0.02})  # 8 x 0.02 is over 100 ms: the quick one
     assert batcher.call_size("text") == 4
-    batcher._seconds_per_input["text"] = 0.04  # 2.5 fit: 2
-    assert batcher.call_size("text") == 2
-    batcher._seconds_per_input["text"] = 1.0
-    assert batcher.call_size("text") == 1
-    batcher._seconds_per_input["text"] = 1e-6
-    assert batcher.call_size("text") == 64
-    batcher.max_call_s = 0
-    batcher._seconds_per_input["text"] = 1.0
-    assert batcher.call_size("text") == 64
+    _measured(batcher, {4: 1.0})  # nothing fits: the smallest measured, not a smaller one
+    assert batcher.call_size("text") == 4
+    batcher.pausable = frozenset({"text"})  # a pausable call is bounded by its blocks
+    _measured(batcher, {4: 1.0, 8: 0.8})
+    assert batcher.call_size("text") == 16
+    tuning = batcher.tuning()[0]  # the fastest measured so far, and what is being tried
+    assert (tuning.batch_size, tuning.inputs_per_second) == (8, 1 / 0.8)
+    assert tuning.reason == ("ms per input by batch size {4: 1000.0, 8: 800.0}; queries "
+                             "served between the call's blocks; trying 16 next")
     batcher.close()
+
+
+def test_a_query_is_served_inside_a_pausable_bulk_call() -> None:
+    """A pausable encoder calls `between` at its pause points; a query that arrives while a
+    bulk call runs is answered there, before the call ends, and that time is not counted as
+    the call's cost."""
+    order: list[str] = []
+    started, query_in = threading.Event(), threading.Event()
+
+    def encode_bulk(items: list[str], between=None) -> np.ndarray:
+        order.append(f"bulk {len(items)} starts")
+        if between is not None:
+            started.set()
+            query_in.wait(10)
+            time.sleep(0.02)  # the query reached the lane
+            between()
+        order.append("bulk ends")
+        return np.ones((len(items), 4), np.float32)
+
+    def encode(items: list[str], between=None) -> np.ndarray:
+        if items[0] == "query":
+            order.append("query")
+            time.sleep(0.2)  # a slow query: its time must not be billed to the bulk call
+            return np.zeros((1, 4), np.float32)
+        return encode_bulk(items, between)
+
+    batcher = Batcher({"text": encode}, max_batch=8, max_wait_s=0, max_queued=64,
+                      max_call_s=0.001, pausable=frozenset({"text"}))
+    batcher._sizes_seen.add(("text", 4))  # a size seen before: this call is measured
+
+    async def go() -> None:
+        bulk = asyncio.ensure_future(batcher.submit("text", ["b"] * 4, BULK, None))
+        await asyncio.to_thread(started.wait, 10)
+        query = asyncio.ensure_future(batcher.submit("text", ["query"], INTERACTIVE, None))
+        await asyncio.sleep(0.01)
+        query_in.set()
+        await query
+        await bulk
+
+    run(go())
+    batcher.close()
+    assert order == ["bulk 4 starts", "query", "bulk ends"]
+    assert batcher._cost[("text", 4)] < 0.2 / 4  # the query's time was left out
+
+
+def test_pause_points_change_nothing_in_the_image_embeddings(model) -> None:
+    """The image tower's hooks call `between` after each residual block but the last, and
+    the vectors are the same with and without them."""
+    import torch
+
+    assert model.pausable
+    pixels = torch.randn(3, 3, model.image_size, model.image_size)
+    calls: list[int] = []
+    paused = model.encode_images(pixels, between=lambda: calls.append(1))
+    plain = model.encode_images(pixels)
+    np.testing.assert_array_equal(paused, plain)
+    assert len(calls) == len(model.module.visual.transformer.resblocks) - 1
+
+
+def test_thumbnails_come_from_the_picture_decoded_for_the_model(
+        model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ingest decodes each image once: the thumbnail is made from the model's decode, and it
+    matches the thumbnail made from the bytes on their own (same size, near-same pixels)."""
+    import io
+
+    from PIL import Image
+
+    from clipsearch_server.encoders.local import preprocess
+    from clipsearch_server.thumbnails import make_thumbnail
+
+    datas = [f.read_bytes() for f in coco_images(6)] + [b"not an image"]
+    decodes = []
+    real = preprocess.decode_image
+    monkeypatch.setattr(preprocess, "decode_image",
+                        lambda *a, **k: decodes.append(1) or real(*a, **k))
+    embedder = Embedder(model, 4, 40_000_000, 1)
+    embedded = run(embedder.embed_images(datas, bulk=True, thumbnail_size=256))
+    plain = run(embedder.embed_images(datas[:2], bulk=True))
+    embedder.close()
+    assert len(decodes) == len(datas) + 2  # one per image, thumbnails or not
+    assert plain.thumbnails is None
+    assert embedded.thumbnails is not None and embedded.thumbnails[-1] is None
+    assert set(embedded.errors) == {len(datas) - 1}
+    for data, thumbnail in zip(datas[:-1], embedded.thumbnails, strict=False):
+        assert thumbnail is not None
+        ours = np.asarray(Image.open(io.BytesIO(thumbnail)).convert("RGB"), np.float32)
+        alone = np.asarray(Image.open(io.BytesIO(make_thumbnail(data, 256, 40_000_000)))
+                           .convert("RGB"), np.float32)
+        assert ours.shape == alone.shape and max(ours.shape[:2]) == 256
+        assert np.abs(ours - alone).mean() < 3.0  # of 255: resampling and WebP rounding

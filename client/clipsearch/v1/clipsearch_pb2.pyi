@@ -379,7 +379,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "pretrained", "checkpoint", "random_weights", "dim", "device", "precision", "model_fingerprint", "version", "max_message_bytes", "max_k", "image_size", "precision_reason", "unavailable_collections")
+    __slots__ = ("model", "pretrained", "checkpoint", "random_weights", "dim", "device", "precision", "model_fingerprint", "version", "max_message_bytes", "max_k", "image_size", "precision_reason", "unavailable_collections", "backend", "backend_reason", "towers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -394,6 +394,9 @@ class GetServerInfoResponse(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOWERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     pretrained: str
     checkpoint: str
@@ -408,7 +411,22 @@ class GetServerInfoResponse(_message.Message):
     image_size: int
     precision_reason: str
     unavailable_collections: _containers.RepeatedCompositeFieldContainer[UnavailableCollection]
-    def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ..., checkpoint: _Optional[str] = ..., random_weights: _Optional[bool] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., image_size: _Optional[int] = ..., precision_reason: _Optional[str] = ..., unavailable_collections: _Optional[_Iterable[_Union[UnavailableCollection, _Mapping]]] = ...) -> None: ...
+    backend: str
+    backend_reason: str
+    towers: _containers.RepeatedCompositeFieldContainer[TowerTuning]
+    def __init__(self, model: _Optional[str] = ..., pretrained: _Optional[str] = ..., checkpoint: _Optional[str] = ..., random_weights: _Optional[bool] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_k: _Optional[int] = ..., image_size: _Optional[int] = ..., precision_reason: _Optional[str] = ..., unavailable_collections: _Optional[_Iterable[_Union[UnavailableCollection, _Mapping]]] = ..., backend: _Optional[str] = ..., backend_reason: _Optional[str] = ..., towers: _Optional[_Iterable[_Union[TowerTuning, _Mapping]]] = ...) -> None: ...
+
+class TowerTuning(_message.Message):
+    __slots__ = ("tower", "batch_size", "inputs_per_second", "reason")
+    TOWER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    tower: str
+    batch_size: int
+    inputs_per_second: float
+    reason: str
+    def __init__(self, tower: _Optional[str] = ..., batch_size: _Optional[int] = ..., inputs_per_second: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("id", "text", "image", "vector")

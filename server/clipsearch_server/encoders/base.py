@@ -13,15 +13,20 @@ import numpy as np
 
 from ..errors import ClipSearchError
 
-__all__ = ["Embedded", "Encoder", "ModelInfo"]
+__all__ = ["Embedded", "Encoder", "ModelInfo", "TowerTuning"]
 
 
 @dataclass
 class Embedded:
-    """A batch's vectors (failed rows are zero) and the errors of the rows that failed."""
+    """A batch's vectors (failed rows are zero) and the errors of the rows that failed.
+
+    `thumbnails`: for images embedded with a thumbnail size, one WebP per row (None where the
+    row failed or its thumbnail could not be made); None when none were asked for.
+    """
 
     vectors: np.ndarray
     errors: dict[int, ClipSearchError]
+    thumbnails: list[bytes | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,18 @@ class ModelInfo:
     fingerprint: str
     logit_scale: float  # the model's own zero-shot temperature (exp of its learned log)
     load_seconds: float = 0.0
+    backend: str = "torch"  # or onnxruntime
+    backend_reason: str = ""
+
+
+@dataclass(frozen=True)
+class TowerTuning:
+    """What an encoder measured of one tower ("image", "text") and the bulk call size it chose."""
+
+    tower: str
+    batch_size: int
+    inputs_per_second: float  # model time only: the ceiling for end-to-end throughput
+    reason: str
 
 
 class Encoder(Protocol):
@@ -58,10 +75,17 @@ class Encoder(Protocol):
                           bulk: bool = False) -> Embedded: ...
 
     async def embed_images(self, images: list[bytes], deadline: float | None = None,
-                           bulk: bool = False) -> Embedded: ...
+                           bulk: bool = False, thumbnail_size: int = 0) -> Embedded:
+        """With `thumbnail_size` (long side, pixels), also each image's WebP thumbnail, made
+        from the picture decoded for the model: ingest decodes an image once."""
+        ...
 
     def describe(self) -> str:
         """One line for the start-up log: where the model runs."""
+        ...
+
+    def tuning(self) -> list[TowerTuning]:
+        """What was measured of each tower that has run so far, and chosen from it."""
         ...
 
     def close(self) -> None: ...

@@ -91,10 +91,11 @@ class ClipEncoderDeployment:
         return await self.embedder.embed_texts(texts, _deadline(timeout_s), bulk)
 
     async def embed_images(self, images: list[bytes], timeout_s: float | None = None,
-                           bulk: bool = False) -> Embedded:
+                           bulk: bool = False, thumbnail_size: int = 0) -> Embedded:
         """Decode and embed images; undecodable ones come back in `Embedded.errors`."""
         self._items += len(images)
-        return await self.embedder.embed_images(images, _deadline(timeout_s), bulk)
+        return await self.embedder.embed_images(images, _deadline(timeout_s), bulk,
+                                                thumbnail_size)
 
     def check_health(self) -> None:
         """Serve's health probe: a replica whose batcher has stopped is replaced."""

@@ -44,7 +44,7 @@ from ..errors import (
     Unavailable,
 )
 from ..settings import AnySettings
-from .base import Embedded, ModelInfo
+from .base import Embedded, ModelInfo, TowerTuning
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +102,23 @@ class RayEncoder:
 
     async def embed_texts(self, texts: list[str], deadline: float | None = None,
                           bulk: bool = False) -> Embedded:
-        return await self._embed("embed_texts", texts, deadline, bulk)
+        return await self._embed("embed_texts", texts, deadline, {"bulk": bulk})
 
     async def embed_images(self, images: list[bytes], deadline: float | None = None,
-                           bulk: bool = False) -> Embedded:
-        return await self._embed("embed_images", images, deadline, bulk)
+                           bulk: bool = False, thumbnail_size: int = 0) -> Embedded:
+        options: dict[str, Any] = {"bulk": bulk}
+        if thumbnail_size:
+            options["thumbnail_size"] = thumbnail_size
+        return await self._embed("embed_images", images, deadline, options)
 
     def describe(self) -> str:
         replicas = self.replicas()
         count = "replicas unknown" if replicas is None else f"{replicas} replicas"
         return f"Ray Serve app {self.app_name} at {self.address}, {count}"
+
+    def tuning(self) -> list[TowerTuning]:
+        """Each replica measures its own towers; this front has none to report."""
+        return []
 
     def replicas(self) -> int | None:
         """Running replicas of the app's deployment, from Serve's status (None if unknown)."""
@@ -134,15 +141,15 @@ class RayEncoder:
 
     # --- calls ----------------------------------------------------------------------------
     async def _embed(self, method: str, items: list[Any], deadline: float | None,
-                     bulk: bool) -> Embedded:
+                     options: dict[str, Any]) -> Embedded:
         """Split into model-batch-sized calls, run them concurrently, put the rows together."""
         if not items:
             return Embedded(np.zeros((0, self.info.dim), dtype=np.float32), {})
         step = self.max_batch_size
         starts = range(0, len(items), step)
         if len(starts) == 1:
-            return await self._call(method, items, deadline, bulk)
-        tasks = [asyncio.ensure_future(self._call(method, items[s:s + step], deadline, bulk))
+            return await self._call(method, items, deadline, options)
+        tasks = [asyncio.ensure_future(self._call(method, items[s:s + step], deadline, options))
                  for s in starts]
         try:
             parts = await asyncio.gather(*tasks)
@@ -153,10 +160,12 @@ class RayEncoder:
             raise
         errors = {s + i: exc for s, part in zip(starts, parts, strict=True)
                   for i, exc in part.errors.items()}
-        return Embedded(np.concatenate([p.vectors for p in parts]), errors)
+        thumbnails = ([t for p in parts for t in (p.thumbnails or [None] * len(p.vectors))]
+                      if "thumbnail_size" in options else None)
+        return Embedded(np.concatenate([p.vectors for p in parts]), errors, thumbnails)
 
     async def _call(self, method: str, items: list[Any], deadline: float | None,
-                    bulk: bool) -> Embedded:
+                    options: dict[str, Any]) -> Embedded:
         """One call to a replica, retried once on another if the replica died under it."""
         loop = asyncio.get_running_loop()
         if self._slots is None or self._slots_loop is not loop:
@@ -164,25 +173,25 @@ class RayEncoder:
         send: Callable[..., Any] = getattr(self.handle, method).remote
         async with self._slots:
             try:
-                return await self._attempt(send, items, deadline, bulk)
+                return await self._attempt(send, items, deadline, options)
             except _REPLICA_GONE as exc:
                 log.warning("encoder replica lost mid-call (%s); retrying on another",
                             _first_line(exc))
                 first = exc
             try:
-                return await self._attempt(send, items, deadline, bulk)
+                return await self._attempt(send, items, deadline, options)
             except _REPLICA_GONE as exc:
                 raise Unavailable(
                     f"the encoder replica of Ray Serve app {self.app_name} died mid-request "
                     f"twice ({_first_line(first)}; then {_first_line(exc)}); retry") from None
 
     async def _attempt(self, send: Callable[..., Any], items: list[Any], deadline: float | None,
-                       bulk: bool) -> Embedded:
+                       options: dict[str, Any]) -> Embedded:
         """Send once and map Ray's failures; replica deaths are left for `_call` to retry."""
         timeout = None if deadline is None else deadline - time.monotonic()
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("the deadline passed before the encoder was called")
-        response = send(items, timeout_s=timeout, bulk=bulk)
+        response = send(items, timeout_s=timeout, **options)
         try:
             return await asyncio.wait_for(_awaited(response), timeout)
         except asyncio.TimeoutError:

@@ -4,10 +4,16 @@ Concurrent calls put their inputs on a queue; one model thread takes as many as 
 batch (`max_batch` inputs of one modality), waiting up to `max_wait_s` for more when the
 batch is not full, and runs them through the model together. Interactive work (search
 queries, small embed calls) has its own lane that is always served first, so a query is never
-stuck behind a bulk ingest. A bulk batch that has already started cannot be pre-empted, so it
-runs as several model calls of about `max_call_s` each, sized from the measured cost per input,
-and the interactive lane is served between them: a query waits for at most one such call, not
-for the whole batch (on a 2-core CPU, 64 ViT-B-32 images are 1-3 s). The queue is bounded:
+stuck behind a bulk ingest.
+
+A bulk batch runs as model calls of the size this machine runs fastest, found by measuring as
+it runs (no size is tuned for one CPU): the cost per input of each power-of-two size is kept,
+and the size doubles while doing so still pays (`_GAIN`). A query that arrives mid-call:
+- on a pausable modality (a ViT image tower, model.py) is served between two of the call's
+  residual blocks, so it waits for one block, whatever the batch size;
+- otherwise waits for the call, so there calls are also kept near `max_call_s` when the
+  measurements allow (on a 2-core CPU, 64 ViT-B-32 images are 1-3 s).
+The queue is bounded:
 when `max_queued` jobs wait, a new one is refused at once with RESOURCE_EXHAUSTED. A job whose
 deadline has passed, or whose caller went away, is dropped before it reaches the model.
 """
@@ -18,18 +24,17 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from ...errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ...observability import Metrics
+from ..base import TowerTuning
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,9 @@ BULK = "bulk"
 DEFAULT_MAX_CALL_S = 0.1
 FIRST_CALL = 4  # inputs in a bulk modality's first call, before its cost is measured
 _COST_SMOOTHING = 0.3  # weight of the newest measurement in the cost per input
-Encoder = Callable[[Any], np.ndarray]
+# A doubled batch is kept only when it costs at least this much less per input.
+_GAIN = 0.05
+Encoder = Callable[..., np.ndarray]
 
 
 @dataclass
@@ -58,8 +65,13 @@ class Batcher:
 
     def __init__(self, encoders: dict[str, Encoder], max_batch: int, max_wait_s: float,
                  max_queued: int, metrics: Metrics | None = None,
-                 max_call_s: float = DEFAULT_MAX_CALL_S) -> None:
+                 max_call_s: float = DEFAULT_MAX_CALL_S,
+                 pausable: frozenset[str] = frozenset()) -> None:
         self._encoders = encoders
+        # Modalities whose encoder takes `between=`, a callback run at pause points mid-call.
+        self.pausable = pausable
+        self._serving_between = False
+        self._between_s = 0.0  # time the current call spent serving queries at pause points
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queued = max_queued
@@ -68,6 +80,8 @@ class Batcher:
         # bulk batches whole. Read on every bulk batch, so it can be changed while running.
         self.max_call_s = max_call_s
         self._seconds_per_input: dict[str, float] = {}  # measured, a moving average
+        # Cost per input of each (modality, batch size) measured, a moving average.
+        self._cost: dict[tuple[str, int], float] = {}
         # Batch sizes each modality has run. A CPU backend (oneDNN) prepares its kernels per
         # input shape on first use, which is slow, so a size's first call is not measured, and
         # bulk calls come in powers of two so that few shapes ever need preparing.
@@ -200,46 +214,102 @@ class Batcher:
             _resolve(job, result=vectors[start:start + len(job)])
             start += len(job)
 
-    def _encode(self, modality: str, inputs: list[str] | torch.Tensor) -> np.ndarray:
-        """One model call, timed: its cost per input sizes the bulk calls that follow."""
+    def _encode(self, modality: str, inputs: list[str] | torch.Tensor,
+                pause: bool = False) -> np.ndarray:
+        """One model call, timed: its cost per input sizes the bulk calls that follow.
+
+        With `pause`, the encoder serves waiting queries at its pause points; that time is
+        theirs, not the call's, and is left out of the measurement.
+        """
+        self._between_s = 0.0
         started = time.perf_counter()
-        vectors = self._encoders[modality](inputs)
-        cost = (time.perf_counter() - started) / max(1, len(inputs))
+        if pause:
+            vectors = self._encoders[modality](inputs, between=self._serve_between)
+        else:
+            vectors = self._encoders[modality](inputs)
+        cost = (time.perf_counter() - started - self._between_s) / max(1, len(inputs))
         shape = (modality, len(inputs))
         if shape in self._sizes_seen:
-            old = self._seconds_per_input.get(modality)
-            self._seconds_per_input[modality] = (
-                cost if old is None else old + _COST_SMOOTHING * (cost - old))
+            for key, table in (((modality, len(inputs)), self._cost),
+                               (modality, self._seconds_per_input)):
+                old = table.get(key)  # type: ignore[call-overload]
+                table[key] = cost if old is None else old + _COST_SMOOTHING * (cost - old)
         else:
             self._sizes_seen.add(shape)
             self._seconds_per_input.setdefault(modality, cost)
         return vectors
 
-    def call_size(self, modality: str) -> int:
-        """Inputs per bulk model call: the power of two nearest max_call_s of measured work.
+    def _serve_between(self) -> None:
+        """A pause point inside a bulk call: serve the interactive lane, once, not nested."""
+        if self._serving_between or not self._lanes[INTERACTIVE]:
+            return
+        self._serving_between = True
+        started = time.perf_counter()
+        try:
+            self._serve_interactive()
+        finally:
+            self._serving_between = False
+            self._between_s += time.perf_counter() - started
 
-        Nearest, not at most: rounding down would often halve the call (3.6 fitting inputs
-        give 2), and on a CPU a call of 2 images costs about a third more per image than one
-        of 4 (bench/RESULTS.md); a call then lasts 0.7 to 1.4 times max_call_s.
+    def call_size(self, modality: str) -> int:
+        """Inputs per bulk model call: the size this machine runs fastest, as measured.
+
+        Sizes are powers of two. The size doubles while the doubled one is unmeasured or at
+        least `_GAIN` cheaper per input; the chosen size is the smallest within `_GAIN` of the
+        cheapest measured. On a modality that cannot pause mid-call, a call is also kept
+        within max_call_s where a measured size allows, so a query waits for little.
+        max_call_s 0 runs bulk batches whole.
         """
         if self.max_call_s <= 0:
-            return self.max_batch
-        cost = self._seconds_per_input.get(modality)
-        if cost is None:
-            return min(FIRST_CALL, self.max_batch)
-        fit = self.max_call_s / max(cost, 1e-9)
-        nearest = 1 << round(math.log2(fit)) if fit >= 1 else 1
-        return _power_of_two_at_most(min(self.max_batch, nearest))
+            return self.max_batch  # --max-model-call-ms 0: whole batches, as asked
+        measured = {size: cost for (m, size), cost in self._cost.items() if m == modality}
+        if not measured:
+            seen = [size for (m, size) in self._sizes_seen if m == modality]
+            return min(max(seen, default=FIRST_CALL), self.max_batch)  # measure it first
+        bound = (modality not in self.pausable and self.max_call_s > 0)
+        best = min(measured.values())
+        fastest = min(size for size, cost in measured.items() if cost <= best * (1 + _GAIN))
+        if bound:
+            quick = [size for size, cost in measured.items() if size * cost <= self.max_call_s]
+            fastest = min(fastest, max(quick)) if quick else min(measured)
+        doubled = fastest * 2
+        if doubled <= self.max_batch and doubled not in measured and fastest == max(measured) \
+                and not (bound and doubled * measured[fastest] > self.max_call_s):
+            return doubled  # bigger may be faster still: try it
+        return fastest
+
+    def tuning(self) -> list[TowerTuning]:
+        """What was measured per modality and chosen from it (GetServerInfo reports it).
+
+        The size reported is the one measured fastest so far; while a bigger one is still
+        being tried, the reason says so.
+        """
+        out = []
+        for modality in sorted({m for m, _ in self._cost}):
+            costs = dict(sorted((s, c) for (m, s), c in self._cost.items() if m == modality))
+            size = self.call_size(modality)
+            best = min(costs.values())
+            chosen = size if size in costs else min(
+                s for s, c in costs.items() if c <= best * (1 + _GAIN))
+            tried = ", ".join(f"{s}: {c * 1000:.1f}" for s, c in costs.items())
+            why = ("whole batches (--max-model-call-ms 0)" if self.max_call_s <= 0
+                   else "queries served between the call's blocks" if modality in self.pausable
+                   else f"calls kept within {self.max_call_s * 1000:.0f} ms for queries")
+            trying = "" if size in costs else f"; trying {size} next"
+            out.append(TowerTuning(modality, chosen, 1 / max(costs[chosen], 1e-9),
+                                   f"ms per input by batch size {{{tried}}}; {why}{trying}"))
+        return out
 
     def _encode_in_calls(self, modality: str, inputs: list[str] | torch.Tensor) -> np.ndarray:
-        """A bulk batch as calls of about max_call_s, serving interactive work between them."""
+        """A bulk batch as calls of the chosen size, serving interactive work between them."""
         parts = []
         start = 0
+        pause = modality in self.pausable
         while start < len(inputs):
             if start > 0:
                 self._serve_interactive()
             size = _power_of_two_at_most(min(self.call_size(modality), len(inputs) - start))
-            parts.append(self._encode(modality, inputs[start:start + size]))
+            parts.append(self._encode(modality, inputs[start:start + size], pause))
             start += size
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ...errors import ClipSearchError, InvalidArgument
 from ...lru import LruCache
 from ...observability import Metrics
 from ...priority import background_pool
+from ...thumbnails import make_thumbnail
 from ..base import Embedded
 from .batcher import BULK, INTERACTIVE, Batcher
 from .decode_budget import DecodeBudget
@@ -32,6 +34,23 @@ INTERACTIVE_MAX_ITEMS = 8
 # Model batches of one call decoded ahead of the model: bounds a large request's memory.
 WINDOWS_AHEAD = 2
 QUERY_DECODE_THREADS = 2  # a query image is decoded apart from bulk work, at normal priority
+
+
+@dataclass
+class _Decoded:
+    """One window's decode: the stacked pixels of the rows done, in order, and the rest."""
+
+    pixels: torch.Tensor
+    done: list[int]
+    failed: dict[int, ClipSearchError]
+    thumbnails: dict[int, bytes | None]
+
+
+def _thumbnail_or_none(data: bytes, size: int, max_pixels: int) -> bytes | None:
+    try:
+        return make_thumbnail(data, size, max_pixels)
+    except InvalidArgument:
+        return None  # the model's path reports the error
 
 
 class Embedder:
@@ -56,7 +75,8 @@ class Embedder:
         self.decoded_image_bytes = 2 * 3 * model.image_size * model.image_size * 4
         self.decode_budget = DecodeBudget(max_decoded_bytes)
         self.batcher = Batcher({"text": model.encode_texts, "image": model.encode_images},
-                               max_batch_size, batch_wait_s, max_queued_batches, metrics)
+                               max_batch_size, batch_wait_s, max_queued_batches, metrics,
+                               pausable=frozenset({"image"} if model.pausable else ()))
         # Bulk images decode at a lower priority than the model and the queries (priority.py);
         # a query's image decodes at normal priority in a pool of its own.
         self._decode_pool = background_pool(decode_threads, "clipsearch-decode")
@@ -101,14 +121,17 @@ class Embedder:
         return Embedded(vectors, errors)
 
     async def embed_images(self, images: list[bytes], deadline: float | None = None,
-                           bulk: bool = False) -> Embedded:
+                           bulk: bool = False, thumbnail_size: int = 0) -> Embedded:
         """Decode and embed images; undecodable ones are reported per item.
 
         Work goes in windows of one model batch, at most two of them decoded ahead per call,
-        so a large request never holds all its decoded pixels at once.
+        so a large request never holds all its decoded pixels at once. With `thumbnail_size`,
+        each image's thumbnail is made from the picture decoded for the model.
         """
         errors: dict[int, ClipSearchError] = {}
         vectors = np.zeros((len(images), self.dim), dtype=np.float32)
+        thumbnails: list[bytes | None] | None = (
+            [None] * len(images) if thumbnail_size else None)
         lane = self._lane(len(images), bulk)
         ahead = asyncio.Semaphore(WINDOWS_AHEAD)
 
@@ -117,31 +140,38 @@ class Embedder:
                                                       deadline):
                 decode = self._decode_on_device if self.device_decoder else self._decode_on_host
                 pool = self._decode_pool if lane == BULK else self._query_decode_pool
-                pixels, done, failed = await decode([images[i] for i in rows], pool)
-                errors.update({rows[j]: exc for j, exc in failed.items()})
-                if done:
-                    result = await self.batcher.submit("image", pixels, lane, deadline)
-                    vectors[[rows[j] for j in done]] = result
+                decoded = await decode([images[i] for i in rows], pool, thumbnail_size)
+                errors.update({rows[j]: exc for j, exc in decoded.failed.items()})
+                if thumbnails is not None:
+                    for j, thumbnail in decoded.thumbnails.items():
+                        thumbnails[rows[j]] = thumbnail
+                if decoded.done:
+                    result = await self.batcher.submit("image", decoded.pixels, lane, deadline)
+                    vectors[[rows[j] for j in decoded.done]] = result
 
         await asyncio.gather(*(window(list(range(s, min(len(images), s + self.max_batch_size))))
                                for s in range(0, len(images), self.max_batch_size)))
-        return Embedded(vectors, errors)
+        return Embedded(vectors, errors, thumbnails)
 
-    async def _decode_on_host(self, datas: list[bytes], pool: ThreadPoolExecutor
-                              ) -> tuple[torch.Tensor, list[int], dict[int, ClipSearchError]]:
-        """Pillow and open_clip's transform in `pool`: (pixels, rows done, errors)."""
+    async def _decode_on_host(self, datas: list[bytes], pool: ThreadPoolExecutor,
+                              thumbnail_size: int = 0) -> _Decoded:
+        """Pillow and open_clip's transform (and the thumbnails) in `pool`."""
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
-            *(loop.run_in_executor(pool, self._preprocess_one, data)
+            *(loop.run_in_executor(pool, self._preprocess_one, data, thumbnail_size)
               for data in datas))
         failed = {i: d for i, d in enumerate(decoded) if isinstance(d, ClipSearchError)}
         done = [i for i in range(len(datas)) if i not in failed]
-        pixels = torch.stack([decoded[i] for i in done]) if done else torch.empty(0)
-        return pixels, done, failed
+        pixels = torch.stack([decoded[i][0] for i in done]) if done else torch.empty(0)
+        return _Decoded(pixels, done, failed, {i: decoded[i][1] for i in done})
 
-    async def _decode_on_device(self, datas: list[bytes], pool: ThreadPoolExecutor
-                                ) -> tuple[torch.Tensor, list[int], dict[int, ClipSearchError]]:
-        """JPEGs decoded as one batch on the model's device; the rest on the host, then moved."""
+    async def _decode_on_device(self, datas: list[bytes], pool: ThreadPoolExecutor,
+                                thumbnail_size: int = 0) -> _Decoded:
+        """JPEGs decoded as one batch on the model's device; the rest on the host, then moved.
+
+        The device's pictures never reach the host, so their thumbnails come from a reduced
+        scale decode on the host (thumbnails.make_thumbnail), beside the device's work.
+        """
         decoder = self.device_decoder
         assert decoder is not None
         loop = asyncio.get_running_loop()
@@ -150,24 +180,33 @@ class Embedder:
         jpegs = [i for i, h in enumerate(headers) if isinstance(h, JpegFile)]
         parts: list[torch.Tensor] = []
         done: list[int] = []
+        thumbnails: dict[int, bytes | None] = {}
         if jpegs:
+            small = (asyncio.gather(*(loop.run_in_executor(
+                pool, _thumbnail_or_none, datas[i], thumbnail_size, decoder.max_pixels)
+                for i in jpegs)) if thumbnail_size else None)
             pixels, refused = await loop.run_in_executor(
                 pool, decoder.decode, [headers[i] for i in jpegs])
             refused_rows = {jpegs[j] for j in refused}
             done = [i for i in jpegs if i not in refused_rows]
+            if small is not None:
+                thumbnails.update(zip(jpegs, await small, strict=True))
             if done:
                 parts.append(pixels)
         host = sorted(set(range(len(datas))) - set(failed) - set(done))
         if host:
-            pixels, host_done, host_failed = await self._decode_on_host([datas[i] for i in host],
-                                                                         pool)
-            failed.update({host[j]: exc for j, exc in host_failed.items()})
-            if host_done:
+            on_host = await self._decode_on_host([datas[i] for i in host], pool, thumbnail_size)
+            failed.update({host[j]: exc for j, exc in on_host.failed.items()})
+            thumbnails.update({host[j]: t for j, t in on_host.thumbnails.items()})
+            if on_host.done:
+                pixels = on_host.pixels
                 if decoder.device.type == "cuda":
                     pixels = pixels.pin_memory()  # so the copy below runs asynchronously
                 parts.append(pixels.to(decoder.device, non_blocking=True))
-                done += [host[j] for j in host_done]
-        return (torch.cat(parts) if parts else torch.empty(0)), done, failed
+                done += [host[j] for j in on_host.done]
+        # Rows in the order of `done`, which is the order of the pixels.
+        return _Decoded(torch.cat(parts) if parts else torch.empty(0), done, failed,
+                        {i: thumbnails.get(i) for i in done})
 
     def _inspect_all(self, datas: list[bytes]) -> list[JpegFile | ClipSearchError | None]:
         assert self.device_decoder is not None
@@ -185,9 +224,12 @@ class Embedder:
     def _lane(n: int, bulk: bool) -> str:
         return BULK if bulk or n > INTERACTIVE_MAX_ITEMS else INTERACTIVE
 
-    def _preprocess_one(self, data: bytes) -> torch.Tensor | ClipSearchError:
+    def _preprocess_one(self, data: bytes, thumbnail_size: int = 0
+                        ) -> tuple[torch.Tensor, bytes | None] | ClipSearchError:
         try:
-            return self.preprocess(data)
+            if thumbnail_size:
+                return self.preprocess.with_thumbnail(data, thumbnail_size)
+            return self.preprocess(data), None
         except ClipSearchError as exc:
             return exc
         except Exception as exc:  # a decoder bug must not fail the neighbours

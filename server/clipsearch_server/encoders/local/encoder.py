@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...observability import Metrics
 from ...settings import AnySettings
-from ..base import Embedded, ModelInfo
+from ..base import Embedded, ModelInfo, TowerTuning
 from .device_decode import device_decoder
 from .embedder import Embedder
 from .model import ClipModel, load_model
@@ -55,13 +55,16 @@ class LocalEncoder:
         return await self.embedder.embed_texts(texts, deadline, bulk)
 
     async def embed_images(self, images: list[bytes], deadline: float | None = None,
-                           bulk: bool = False) -> Embedded:
-        return await self.embedder.embed_images(images, deadline, bulk)
+                           bulk: bool = False, thumbnail_size: int = 0) -> Embedded:
+        return await self.embedder.embed_images(images, deadline, bulk, thumbnail_size)
 
     def describe(self) -> str:
         decoding = ("the model's device (nvjpeg)" if self.embedder.device_decoder
                     else "the CPU")
         return f"in-process on {self.info.device}; JPEG decoding on {decoding}"
+
+    def tuning(self) -> list[TowerTuning]:
+        return self.embedder.batcher.tuning()
 
     def close(self) -> None:
         self.embedder.close()

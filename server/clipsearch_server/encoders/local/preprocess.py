@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ...images import decode_image
+from ...thumbnails import thumbnail_of
 
 # JPEG draft decoding keeps the short side at least this many times the model's input size,
 # so the transform's own resize still does the final, antialiased, downscale. On the coco128
@@ -31,3 +32,14 @@ class ImagePreprocessor:
 
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.transform(decode_image(data, self.max_pixels, self.draft_size))
+
+    def with_thumbnail(self, data: bytes, thumbnail_size: int) -> tuple[torch.Tensor, bytes]:
+        """The model's input and the item's thumbnail, from one decode.
+
+        The draft decode keeps the short side at least the thumbnail's size too, so a large
+        thumbnail is not made from a picture smaller than itself.
+        """
+        draft = self.draft_size and max(self.draft_size, thumbnail_size)
+        img = decode_image(data, self.max_pixels, draft)
+        pixels = self.transform(img)
+        return pixels, thumbnail_of(img, thumbnail_size)
