@@ -9,6 +9,7 @@ One module per group of commands, each adding its parsers (`add_commands`) and, 
     items.py     drop, delete, get, count
     info.py      info, collections, and this client's version
     analysis.py  recommend, classify, duplicates, cluster
+    bench.py     bench: ingest and query speed against a scratch collection, to compare hardware
     options.py   the connection options and argument types that they share
 
 Everything except ``serve`` talks to a running server through the thin client, so the command
@@ -24,7 +25,7 @@ import sys
 
 import grpc
 
-from clipsearch.cli import analysis, index, info, items, search, serve
+from clipsearch.cli import analysis, bench, index, info, items, search, serve
 from clipsearch.cli.options import (
     CONNECT_HINT,
     TOKEN_ENV,
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_options(parent, top=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_commands(commands)
-    for group in (index, search, info, items, analysis):
+    for group in (index, search, info, items, analysis, bench):
         group.add_commands(commands, parent)
     return parser
 
