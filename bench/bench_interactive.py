@@ -38,7 +38,8 @@ PER_CALL = 8
 
 
 def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
-          with_queries: bool, tag: str) -> tuple[int, float, list[float]]:
+          with_queries: bool, tag: str, collection: str = "upload"
+          ) -> tuple[int, float, list[float]]:
     """Upload (and query) for `seconds`: images uploaded, seconds taken, query latencies."""
     stop = threading.Event()
     uploaded = [0] * UPLOADERS
@@ -54,7 +55,7 @@ def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
                     start = (n * PER_CALL + worker * 32) % len(photos)
                     batch = [photos[(start + i) % len(photos)] for i in range(PER_CALL)]
                     ids = [f"{tag}-{worker}-{n}-{i}" for i in range(PER_CALL)]
-                    c.upsert("upload", ids=ids, images=batch)
+                    c.upsert(collection, ids=ids, images=batch)
                     if not stop.is_set():
                         uploaded[worker] += PER_CALL
         except BaseException as exc:
@@ -67,7 +68,7 @@ def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
                     if stop.is_set():
                         return
                     started = time.perf_counter()
-                    c.search("upload", text=text, k=10)
+                    c.search(collection, text=text, k=10)
                     latencies.append(time.perf_counter() - started)
         except BaseException as exc:
             errors.append(exc)

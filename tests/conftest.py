@@ -92,10 +92,14 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # --backend auto picks torch or ONNX Runtime by the CPU's bf16: the suite pins torch
+        # so it tests the same thing on every CPU; tests/e2e/test_onnx_backend.py runs ONNX.
+        backend = [] if "--backend" in self.extra else ["--backend", "torch"]
         cmd = [sys.executable, "-m", "clipsearch_server", "--host", "127.0.0.1",
                "--port", str(self.port), "--model", TINY_MODEL,
                "--checkpoint", str(self.checkpoint), "--data-dir", str(self.data_dir),
-               "--device", TEST_DEVICE, "--http-port", str(self.http_port), *self.extra]
+               "--device", TEST_DEVICE, "--http-port", str(self.http_port), *backend,
+               *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

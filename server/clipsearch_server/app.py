@@ -38,7 +38,7 @@ log = logging.getLogger("clipsearch_server")
 
 # Each part of the server receives only its groups of settings (settings.SettingsView);
 # app.py, which assembles them, is the one place that holds them all.
-ENCODER = ("model", "limits", "engines")
+ENCODER = ("model", "limits", "engines", "index")  # index: data_dir holds the ONNX graphs
 STORE = ("index", "engines")
 SERVICER = ("limits", "index")
 HTTP_APP = ("http", "limits")

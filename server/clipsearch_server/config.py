@@ -124,6 +124,10 @@ def validate(s: Settings) -> str | None:
         problem = _declared_problem(s, f)
         if problem:
             return problem
+    if s.precision == "int8" and s.backend == "torch":
+        return "--precision int8 runs on ONNX Runtime: use --backend onnx (or auto)"
+    if s.backend == "onnx" and s.precision in ("fp16", "bf16"):
+        return f"--backend onnx runs fp32 or int8, not {s.precision}"
     if s.store_uri and s.store != "milvus":
         return "--store-uri goes with --store milvus"
     if (s.tls_cert is None) != (s.tls_key is None):

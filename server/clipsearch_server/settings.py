@@ -41,6 +41,13 @@ class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    INT8 = "int8"
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNX = "onnx"
 
 
 class LogFormat(str, Enum):
@@ -192,8 +199,15 @@ class Settings:
                           group="model")
     precision: str = setting(
         "auto", "auto (bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, "
-        "else fp32), fp32 (exact parity with open_clip), fp16 (GPU only) or bf16",
+        "else fp32), fp32 (exact parity with open_clip), fp16 (GPU only), bf16, or int8 "
+        "(ONNX Runtime on the CPU, opt-in: see README for its measured tolerance)",
         group="model", choices=Precision)
+    backend: str = setting(
+        "auto", "what runs the towers: torch, onnx (ONNX Runtime on the CPU, exported from "
+        "the same model once and cached under <data-dir>/onnx), or auto: torch on a GPU, on a "
+        "CPU with native bf16 and for an explicit --precision fp32, else ONNX Runtime fp32 "
+        "(measured about 2x torch fp32)",
+        group="model", choices=Backend)
     channels_last: str = setting(
         "auto", "image tower in channels-last memory format: auto (on for cuda), on or off",
         group="model", choices=OnOff)

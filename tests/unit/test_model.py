@@ -382,7 +382,7 @@ def test_invalid_environment_value_is_a_usage_error(
     with pytest.raises(SystemExit) as info:
         parse_settings([])
     assert info.value.code == 2
-    assert "--precision must be auto, fp32, fp16 or bf16" in capsys.readouterr().err
+    assert "--precision must be auto, fp32, fp16, bf16 or int8" in capsys.readouterr().err
 
 
 def test_channels_last_and_compile_keep_the_embeddings(tiny_checkpoint) -> None:

@@ -128,3 +128,22 @@ def test_low_precision_keeps_the_top10_neighbours_of_a_self_retrieval(embeddings
             swaps += 1
     # Ties aside, the lists are the same: at most 1 % of the neighbours swap.
     assert swaps <= 0.01 * top32.size
+
+
+@pytest.mark.parametrize(("backend", "precision", "device", "bf16", "chosen", "why"), [
+    ("auto", "auto", "cpu", "avx512_bf16", "torch", "natively (avx512_bf16)"),
+    ("auto", "auto", "cpu", None, "onnx", "no native bf16"),
+    ("auto", "fp32", "cpu", None, "torch", "--precision fp32 runs on torch"),
+    ("auto", "int8", "cpu", "avx512_bf16", "onnx", "int8 runs on ONNX Runtime"),
+    ("auto", "auto", "cuda", None, "torch", "torch on cuda"),
+    ("onnx", "auto", "cpu", "avx512_bf16", "onnx", "--backend onnx was asked for"),
+    ("torch", "auto", "cpu", None, "torch", "--backend torch was asked for"),
+])
+def test_auto_backend_follows_the_hardware_and_says_why(
+        backend: str, precision: str, device: str, bf16: str | None, chosen: str,
+        why: str) -> None:
+    """torch bf16 where the CPU has it, else ONNX Runtime fp32; torch on a GPU (RESULTS.md)."""
+    from clipsearch_server.encoders.local.backend import choose_backend
+
+    got, reason = choose_backend(backend, precision, torch.device(device), lambda: bf16)
+    assert got == chosen and why in reason

@@ -98,8 +98,12 @@ def test_weights_flags_exclude_each_other(clean_env: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"precision": "fp8"}, "--precision must be auto, fp32, fp16 or bf16, not 'fp8'"),
+        ({"precision": "fp8"}, "--precision must be auto, fp32, fp16, bf16 or int8, not 'fp8'"),
         ({"device_decode": "maybe"}, "--device-decode must be auto, on or off, not 'maybe'"),
+        ({"backend": "tvm"}, "--backend must be auto, torch or onnx, not 'tvm'"),
+        ({"precision": "int8", "backend": "torch"},
+         "--precision int8 runs on ONNX Runtime: use --backend onnx (or auto)"),
+        ({"precision": "bf16", "backend": "onnx"}, "--backend onnx runs fp32 or int8, not bf16"),
         ({"channels_last": "x"}, "--channels-last must be auto, on or off, not 'x'"),
         ({"log_format": "xml"}, "--log-format must be text or json, not 'xml'"),
         ({"encoder": "gpu"}, "--encoder must be local or ray, not 'gpu'"),
@@ -141,7 +145,7 @@ def test_a_view_gives_its_groups_and_refuses_the_rest() -> None:
 # The modules each share of app.py is handed to, and the names they call it by.
 _PARTS = {
     "ENCODER": ["encoders/__init__.py", "encoders/local/encoder.py", "encoders/local/model.py",
-                "encoders/ray_serve.py"],
+                "encoders/local/backend.py", "encoders/ray_serve.py"],
     "STORE": ["stores/__init__.py"],
     "SERVICER": ["service.py", "analysis_rpcs.py"],
     "HTTP_APP": ["doors/http_server.py:HttpApp"],

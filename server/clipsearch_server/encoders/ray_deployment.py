@@ -24,8 +24,8 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import Settings, build_parser, parse_settings
 from .base import Embedded, ModelInfo
-from .local.encoder import model_info, start_embedder
-from .local.model import load_model
+from .local.backend import load_towers
+from .local.encoder import start_embedder
 
 __all__ = ["DEFAULT_APP", "ClipEncoderDeployment", "app", "deploy", "parse_model_args"]
 
@@ -63,9 +63,8 @@ class ClipEncoderDeployment:
         settings = parse_model_args(model_args)
         assert settings is not None
         self.settings = settings
-        self.model = load_model(self.settings)
-        self.embedder = start_embedder(self.model, self.settings, None)
-        self._info = model_info(self.model)
+        self.towers, self._info = load_towers(self.settings)
+        self.embedder = start_embedder(self.towers, self.settings, None)
         self._items = 0  # inputs embedded here: lets tests and operators see the spread
         try:
             self._replica = serve.get_replica_context().replica_id.unique_id

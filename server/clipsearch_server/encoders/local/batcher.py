@@ -86,6 +86,7 @@ class Batcher:
         # input shape on first use, which is slow, so a size's first call is not measured, and
         # bulk calls come in powers of two so that few shapes ever need preparing.
         self._sizes_seen: set[tuple[str, int]] = set()
+        self._announced: dict[str, int] = {}  # the size last logged per modality
         self._lanes: dict[str, collections.deque[_Job]] = {
             INTERACTIVE: collections.deque(), BULK: collections.deque()}
         self._cond = threading.Condition()
@@ -311,7 +312,17 @@ class Batcher:
             size = _power_of_two_at_most(min(self.call_size(modality), len(inputs) - start))
             parts.append(self._encode(modality, inputs[start:start + size], pause))
             start += size
+        self._announce(modality)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _announce(self, modality: str) -> None:
+        """Log the bulk call size when the measurements settle on a new one."""
+        size = self.call_size(modality)
+        if (modality, size) in self._cost and self._announced.get(modality) != size:
+            self._announced[modality] = size
+            tuning = next(t for t in self.tuning() if t.tower == modality)
+            log.info("%s tower: bulk calls of %d inputs, %.1f inputs/s (%s)", modality, size,
+                     tuning.inputs_per_second, tuning.reason)
 
     def _gauge(self) -> None:
         if self.metrics is not None:

@@ -21,10 +21,10 @@ from ...observability import Metrics
 from ...priority import background_pool
 from ...thumbnails import make_thumbnail
 from ..base import Embedded
+from .backend import Towers
 from .batcher import BULK, INTERACTIVE, Batcher
 from .decode_budget import DecodeBudget
 from .device_decode import DeviceJpegDecoder, JpegFile
-from .model import ClipModel
 from .preprocess import DRAFT_OVERSAMPLE, ImagePreprocessor
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _thumbnail_or_none(data: bytes, size: int, max_pixels: int) -> bytes | None:
 class Embedder:
     """Runs preprocessing and, through the batcher, the model for the service."""
 
-    def __init__(self, model: ClipModel, max_batch_size: int, max_image_pixels: int,
+    def __init__(self, model: Towers, max_batch_size: int, max_image_pixels: int,
                  decode_threads: int, max_queued_batches: int = 64,
                  metrics: Metrics | None = None, max_text_chars: int = 10_000,
                  batch_wait_s: float = 0.002, text_cache_size: int = 4096,

@@ -1,32 +1,20 @@
-"""The in-process encoder: the model, its batcher and the decode pool in this process."""
+"""The in-process encoder: the towers, their batcher and the decode pool in this process."""
 
 from __future__ import annotations
 
 from ...observability import Metrics
 from ...settings import AnySettings
 from ..base import Embedded, ModelInfo, TowerTuning
+from .backend import Towers, load_towers
 from .device_decode import device_decoder
 from .embedder import Embedder
-from .model import ClipModel, load_model
 
 
-def model_info(model: ClipModel) -> ModelInfo:
-    """What a loaded model tells the service about itself."""
-    return ModelInfo(
-        name=model.name, pretrained=model.pretrained,
-        checkpoint=str(model.checkpoint) if model.checkpoint else None,
-        random_weights=model.random_weights, device=str(model.device),
-        precision=model.precision, precision_reason=model.precision_reason, dim=model.dim,
-        image_size=model.image_size, fingerprint=model.fingerprint,
-        logit_scale=float(model.module.logit_scale.detach().exp().item()),
-        load_seconds=model.load_seconds)
-
-
-def start_embedder(model: ClipModel, settings: AnySettings, metrics: Metrics | None) -> Embedder:
-    """The decode pool, query cache and batcher in front of a loaded model, as configured."""
-    decoder = device_decoder(model.transform, model.device, settings.max_image_pixels,
+def start_embedder(towers: Towers, settings: AnySettings, metrics: Metrics | None) -> Embedder:
+    """The decode pool, query cache and batcher in front of loaded towers, as configured."""
+    decoder = device_decoder(towers.transform, towers.device, settings.max_image_pixels,
                              settings.device_decode)
-    embedder = Embedder(model, settings.max_batch_size, settings.max_image_pixels,
+    embedder = Embedder(towers, settings.max_batch_size, settings.max_image_pixels,
                         settings.decode_threads, settings.max_queued_batches, metrics,
                         batch_wait_s=settings.batch_wait_ms / 1000,
                         text_cache_size=settings.text_cache_size,
@@ -37,18 +25,18 @@ def start_embedder(model: ClipModel, settings: AnySettings, metrics: Metrics | N
 
 
 class LocalEncoder:
-    """Encoder whose model runs in this process (the default, `--encoder local`)."""
+    """Encoder whose towers run in this process (the default, `--encoder local`)."""
 
-    def __init__(self, model: ClipModel, embedder: Embedder) -> None:
-        self.model = model
+    def __init__(self, towers: Towers, info: ModelInfo, embedder: Embedder) -> None:
+        self.towers = towers
         self.embedder = embedder
-        self.info = model_info(model)
+        self.info = info
 
     @classmethod
     def start(cls, settings: AnySettings, metrics: Metrics | None = None) -> LocalEncoder:
-        """Load the model and start its embedder (blocking; raises ModelLoadError)."""
-        model = load_model(settings)
-        return cls(model, start_embedder(model, settings, metrics))
+        """Load the towers and start their embedder (blocking; raises ModelLoadError)."""
+        towers, info = load_towers(settings)
+        return cls(towers, info, start_embedder(towers, settings, metrics))
 
     async def embed_texts(self, texts: list[str], deadline: float | None = None,
                           bulk: bool = False) -> Embedded:
@@ -61,7 +49,8 @@ class LocalEncoder:
     def describe(self) -> str:
         decoding = ("the model's device (nvjpeg)" if self.embedder.device_decoder
                     else "the CPU")
-        return f"in-process on {self.info.device}; JPEG decoding on {decoding}"
+        return (f"in-process on {self.info.device} ({self.info.backend}); JPEG decoding on "
+                f"{decoding}")
 
     def tuning(self) -> list[TowerTuning]:
         return self.embedder.batcher.tuning()

@@ -229,13 +229,16 @@ def _check_pretrained_tag(name: str, tag: str) -> None:
         )
 
 
-def load_model(settings: AnySettings) -> ClipModel:
-    """Build the model the settings describe, or raise ModelLoadError saying what to do."""
+def load_model(settings: AnySettings, precision: str | None = None) -> ClipModel:
+    """Build the model the settings describe, or raise ModelLoadError saying what to do.
+
+    `precision` overrides the settings' (ONNX export starts from fp32 whatever is served).
+    """
     started = time.perf_counter()
     register_model_configs(settings.model_config_dir)
     _check_model_name(settings.model)
     device = resolve_device(settings.device)
-    precision, precision_reason = choose_precision(settings.precision, device)
+    precision, precision_reason = choose_precision(precision or settings.precision, device)
     if precision == "fp16" and device.type == "cpu":
         raise ModelLoadError("--precision fp16 needs a GPU; use fp32 (or bf16) on the CPU")
     if device.type == "cuda" and precision == "fp32":
