@@ -85,10 +85,23 @@ def test_stands_in_for_clip_model(clip: ClipModel, fp32: OnnxTowers) -> None:
     assert fp32.encode_texts([]).shape == (0, clip.dim)
     assert fp32.encode_images(torch.zeros(0, 3, 224, 224)).shape == (0, clip.dim)
     assert fp32.text_session.get_inputs()[0].shape == ["batch", "length"]
-    assert fp32.image_session.get_inputs()[0].shape == ["batch", 3, 224, 224]
+    assert fp32.image_sessions[0].get_inputs()[0].shape == ["batch", 3, 224, 224]
     # The export traced a copy: the serving module keeps its own attention modules.
     for blocks in (clip.module.transformer.resblocks, clip.module.visual.transformer.resblocks):
         assert all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in blocks)
+
+
+def test_the_image_tower_pauses_between_its_blocks(clip: ClipModel, fp32: OnnxTowers,
+                                                    pixels: torch.Tensor) -> None:
+    """One graph per block (onnx_stages): `between` runs after each but the last, and the
+    vectors are the same as without pausing, and torch's."""
+    blocks = len(clip.module.visual.transformer.resblocks)
+    assert fp32.pausable and len(fp32.image_sessions) == blocks
+    calls: list[int] = []
+    paused = fp32.encode_images(pixels[:4], between=lambda: calls.append(1))
+    assert len(calls) == blocks - 1
+    np.testing.assert_array_equal(paused, fp32.encode_images(pixels[:4]))
+    assert cosines(paused, clip.encode_images(pixels[:4])).min() >= 0.9999
 
 
 def test_images_match_torch(clip: ClipModel, fp32: OnnxTowers, pixels: torch.Tensor) -> None:
@@ -133,7 +146,7 @@ def test_rows_do_not_depend_on_their_batch(fp32: OnnxTowers, pixels: torch.Tenso
 def test_int8_stays_close_to_fp32(clip: ClipModel, fp32: OnnxTowers, int8: OnnxTowers,
                                   pixels: torch.Tensor,
                                   record_property: pytest.RecordProperty) -> None:
-    for tower in ("image", "text"):
+    for tower in ("image.00", "image.11", "text"):
         assert (int8.folder / tower_file(tower, "int8")).is_file()
     assert int8.precision == "int8"
     images = float(cosines(int8.encode_images(pixels), clip.encode_images(pixels)).min())
@@ -151,7 +164,9 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_second_start_reuses_the_cache(clip: ClipModel, cache_dir: Path, fp32: OnnxTowers,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     before = _mtimes(fp32.folder)
-    assert set(before) == {"image.onnx", "text.onnx", "image.int8.onnx", "text.int8.onnx"}
+    stages = [f"image.{i:02d}" for i in range(len(clip.module.visual.transformer.resblocks))]
+    assert set(before) == {f"{g}{kind}.onnx" for g in [*stages, "text"]
+                           for kind in ("", ".int8")}
     monkeypatch.setattr(onnx_towers, "_export_tower", lambda *a: pytest.fail("exported"))
     monkeypatch.setattr(onnx_towers, "_quantize_tower", lambda *a: pytest.fail("quantised"))
     for precision in ("fp32", "int8"):

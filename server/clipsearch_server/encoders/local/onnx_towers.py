@@ -32,15 +32,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .model import ClipModel, supports_text_trimming
+from .onnx_stages import ImageStage, stage_count, stage_input, stage_names, stages_match
 
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is a single op from 17 on, which ORT runs fused
 # Bump when the exported graphs change (wrappers below, quantisation options): old caches
 # then miss instead of loading a graph this code no longer writes.
-GRAPH_FORMAT = 1
+GRAPH_FORMAT = 2  # 2: the image tower as one graph per block (onnx_stages.py)
 PRECISIONS = ("fp32", "int8")
-TOWERS = ("image", "text")
 # Per-channel int8 weights: on ViT-B-32 (random weights, ORT 1.32, 2 AVX-512 VNNI cores) they
 # ran as fast as per-tensor ones (images equal, texts within 3%) and lifted the worst cosine to
 # fp32 from 0.99978 to 0.99983 (images) and 0.99874 to 0.99931 (texts). ORT's quantisation
@@ -155,11 +155,25 @@ class _TextGraph(torch.nn.Module):
         return x @ clip.text_projection
 
 
+def graph_names(model: ClipModel) -> list[str]:
+    """The graphs of this model: one per image block where the cut fits (onnx_stages), or the
+    whole image tower; then the text tower."""
+    clone = _export_clone(model.module)
+    pixels = torch.randn(2, 3, model.image_size, model.image_size, device=model.device)
+    image = stage_names(stage_count(clone)) if stages_match(clone, pixels) else ["image"]
+    return [*image, "text"]
+
+
 def _graph_and_input(model: ClipModel, clone: torch.nn.Module, tower: str
                      ) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    size = model.image_size
+    pixels = torch.zeros(2, 3, size, size, device=model.device)
     if tower == "image":
-        size = model.image_size
-        return _ImageGraph(clone), torch.zeros(2, 3, size, size, device=model.device), "pixels"
+        return _ImageGraph(clone), pixels, "pixels"
+    if tower.startswith("image."):
+        index = int(tower.split(".")[1])
+        return (ImageStage(clone.visual, index, stage_count(clone)),
+                stage_input(clone, index, pixels), "pixels" if index == 0 else "tokens")
     tokens = model.tokenizer(["a photo", "two dogs running on a beach"]).to(model.device)
     return _TextGraph(clone), tokens[:, :int(tokens.argmax(dim=-1).max()) + 1], "tokens"
 
@@ -259,7 +273,8 @@ def _remove_stale_temps(folder: Path) -> None:
             pass  # another process took it first
 
 
-def export_towers(model: ClipModel, cache_dir: Path, int8: bool = False) -> Path:
+def export_towers(model: ClipModel, cache_dir: Path, int8: bool = False,
+                  graphs: list[str] | None = None) -> Path:
     """Export whatever graphs of this model the cache lacks; the cache folder.
 
     A file already there is trusted (writes are atomic); OnnxTowers re-exports one that fails
@@ -269,7 +284,7 @@ def export_towers(model: ClipModel, cache_dir: Path, int8: bool = False) -> Path
     folder = cache_folder(model, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(folder)
-    for tower in TOWERS:
+    for tower in graphs or graph_names(model):
         if not (folder / tower_file(tower, "fp32")).is_file():
             _export_tower(model, folder, tower)
         if int8 and not (folder / tower_file(tower, "int8")).is_file():
@@ -314,15 +329,15 @@ class OnnxTowers:
     """Both towers on ONNX Runtime's CPU provider, standing in for ClipModel's encode_*."""
 
     backend = "onnxruntime"
-    pausable = False  # one ORT call runs the whole tower: no pause points between blocks
-
     device = torch.device("cpu")
 
-    def __init__(self, image: ort.InferenceSession, text: ort.InferenceSession,
+    def __init__(self, image: list[ort.InferenceSession], text: ort.InferenceSession,
                  tokenizer: Callable[[list[str]], torch.Tensor], dim: int, image_size: int,
                  precision: str, folder: Path,
                  transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
-        self.image_session = image
+        self.image_sessions = image  # one per block (onnx_stages), or the whole tower
+        # encode_images takes `between=`, called between stages: a bulk call can pause
+        self.pausable = len(image) > 1
         self.text_session = text
         self.tokenizer = tokenizer
         self.transform = transform  # the model's preprocessing, which the embedder runs
@@ -337,10 +352,11 @@ class OnnxTowers:
         """Load the cached graphs of `model`, exporting (or re-exporting) those missing."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-        folder = export_towers(model, cache_dir, int8=precision == "int8")
+        graphs = graph_names(model)
+        folder = export_towers(model, cache_dir, int8=precision == "int8", graphs=graphs)
         threads = threads or os.cpu_count() or 1
         sessions = {}
-        for tower in TOWERS:
+        for tower in graphs:
             path = folder / tower_file(tower, precision)
             try:
                 sessions[tower] = _session(path, threads)
@@ -349,15 +365,25 @@ class OnnxTowers:
                             path, exc)
                 _rebuild(model, folder, tower, precision)
                 sessions[tower] = _session(path, threads)
-        return cls(sessions["image"], sessions["text"], model.tokenizer, model.dim,
+        return cls([sessions[g] for g in graphs if g != "text"], sessions["text"],
+                   model.tokenizer, model.dim,
                    model.image_size, precision, folder, model.transform)
 
-    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
-        """Unit-length float32 image embeddings for a batch of preprocessed images."""
+    def encode_images(self, pixels: torch.Tensor,
+                      between: Callable[[], None] | None = None) -> np.ndarray:
+        """Unit-length float32 image embeddings for a batch of preprocessed images.
+
+        `between` is called between stages (ClipModel.encode_images says why).
+        """
         if len(pixels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        array = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
-        return _normalise(self.image_session.run(None, {"pixels": array})[0])
+        x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
+        last = len(self.image_sessions) - 1
+        for i, session in enumerate(self.image_sessions):
+            x = session.run(None, {session.get_inputs()[0].name: x})[0]
+            if between is not None and i < last:
+                between()
+        return _normalise(x)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 text embeddings, one row per text."""
