@@ -17,9 +17,7 @@ Run: .venv/bin/python bench/bench_backends.py [--isa avx2] [--cache-dir DIR]
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,24 +25,18 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-from common import cpu_flags, load, machine, progress, section, table
+from common import (
+    AVX2_ENV,
+    cpu_flags,
+    limit_isa_before_torch,
+    load,
+    machine,
+    progress,
+    section,
+    table,
+)
 
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-            "ATEN_CPU_CAPABILITY": "avx2"}
-
-
-def _limit_isa_before_torch() -> None:
-    """With --isa avx2, start again with the ISA limits in the environment (before torch)."""
-    args = " ".join(sys.argv[1:]).replace("=", " ").split()
-    if not any(a == "--isa" and b == "avx2" for a, b in itertools.pairwise(args)):
-        return
-    if all(os.environ.get(k) == v for k, v in AVX2_ENV.items()):
-        return
-    os.environ.update(AVX2_ENV)
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-
-
-_limit_isa_before_torch()
+limit_isa_before_torch()
 
 # Everything that loads torch comes after the re-execution above.
 import torch  # noqa: E402

@@ -9,12 +9,14 @@ In one run, on this machine's CPU (named with its flags at the top):
 3. Each server tree (this one, and `--baseline-tree DIR`, e.g. a `git worktree` of the last
    landed commit) with its default settings, except `--text-cache-size 0` so that every query
    runs the text tower: 4 clients uploading 8 JPEGs a call for `--seconds`, with thumbnails
-   (the default) and without; then the same upload with one client searching by text.
+   (the default) and without; then the same upload with one client searching by text, back
+   to back (each query as soon as the last is answered), then 5 searches a second.
 
 `--isa avx2` runs everything as on an AVX2-only CPU (AMD Zen 3): torch's kernels are capped at
-AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) and the precision is fp32, which is what
-`--precision auto` picks on a CPU without native bf16. Pillow, hnswlib and ONNX Runtime still
-use what the CPU has, so this is close to, not the same as, a real Zen 3.
+AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY), and each tree gets
+what its defaults choose on a CPU without native bf16: `--backend onnx` (fp32) for this tree,
+`--precision fp32` for a baseline tree from before ONNX Runtime. Pillow, hnswlib and ONNX
+Runtime still use what the CPU has, so this is close to, not the same as, a real Zen 3.
 
 Run: .venv/bin/python bench/bench_cpu.py [--isa avx2] [--baseline-tree /tmp/landed]
      (about 4 minutes per tree with --seconds 20)
@@ -25,23 +27,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+from common import limit_isa_before_torch
 
-
-def _reexec_for_isa(argv: list[str]) -> None:
-    """Cap torch's kernels before torch is imported: the variables are read at load time."""
-    if "--isa" in argv and argv[argv.index("--isa") + 1] == "avx2" \
-            and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
-        os.environ.update(AVX2_ENV)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-
-
-_reexec_for_isa(sys.argv)
+limit_isa_before_torch()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -54,12 +46,21 @@ from clipsearch import Client  # noqa: E402
 from clipsearch_server.config import Settings  # noqa: E402
 from clipsearch_server.encoders.local.model import load_model  # noqa: E402
 
+QUERY_RATE = 5.0  # a paced searcher: someone typing queries, not a load generator
 
-def tower_speed(model_name: str, precision: str, photos: list[Path]) -> dict[int, float]:
+
+def tower_speed(model_name: str, precision: str, backend: str, photos: list[Path]
+                ) -> dict[int, float]:
     """Image tower img/s by batch size, in this process (best of 3 rounds after a warm-up)."""
     model = load_model(Settings(model=model_name, pretrained=None, random_weights=True,
-                                device="cpu", precision=precision))
+                                device="cpu", precision=precision if backend == "torch"
+                                else "fp32"))
     pixels = torch.stack([model.transform(Image.open(f).convert("RGB")) for f in photos[:64]])
+    if backend == "onnxruntime":
+        from clipsearch_server.encoders.local.onnx_towers import OnnxTowers
+
+        model = OnnxTowers.from_model(model, Path(tempfile.gettempdir()) / "bench-onnx",
+                                      precision)
     speeds = {}
     for size in (1, 4, 8, 16, 32):
         progress(f"tower: batch {size}")
@@ -94,7 +95,7 @@ def naive_speed(model_name: str, photos: list[Path]) -> float:
     return len(datas) / (time.perf_counter() - started)
 
 
-def measure_tree(label: str, tree: Path | None, model: str, precision: str, seconds: float,
+def measure_tree(label: str, tree: Path | None, model: str, flags: list[str], seconds: float,
                  photos: list[bytes], texts: list[str]) -> dict:
     """One server tree's ingest (thumbnails on and off) and queries beside ingest."""
     env = dict(os.environ)
@@ -102,7 +103,7 @@ def measure_tree(label: str, tree: Path | None, model: str, precision: str, seco
         env["PYTHONPATH"] = os.pathsep.join([str(tree / "server"), str(tree / "client")])
     with tempfile.TemporaryDirectory() as tmp:
         proc, address = start_server(model, Path(tmp) / "data", [
-            "--text-cache-size", "0", "--precision", precision], env=env)
+            "--text-cache-size", "0", *flags], env=env)
         try:
             with Client(address, timeout=300) as c:
                 c.create_collection("upload")
@@ -124,8 +125,14 @@ def measure_tree(label: str, tree: Path | None, model: str, precision: str, seco
                 out["mixed"] = n / took
                 out["queries"] = len(latencies)
                 out["p50"], out["p99"] = ms(latencies) if latencies else (np.nan, np.nan)
+                progress(f"{label}: upload with {QUERY_RATE:g} text searches a second")
+                n, took, latencies = phase(address, photos, texts, seconds, True, "paced",
+                                           query_rate=QUERY_RATE)
+                out["paced"] = n / took
+                out["paced_p50"], out["paced_p99"] = ms(latencies)
                 info = c.info()
                 out["precision"] = info.precision
+                out["backend"] = getattr(info, "backend", "") or "torch"
                 towers = getattr(info, "towers", {})
                 image = towers.get("image")
                 out["batch"] = image.batch_size if image else "-"
@@ -143,41 +150,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
     parser.add_argument("--baseline-tree", type=Path, help="another checkout to compare")
     args = parser.parse_args(argv)
-    precision = "fp32" if args.isa == "avx2" else "auto"
-    isa = ("torch capped at AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), fp32"
-           if args.isa == "avx2" else "native")
+    avx2 = args.isa == "avx2"
+    isa = ("torch capped at AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, "
+           "ATEN_CPU_CAPABILITY); each tree as its defaults run without native bf16"
+           if avx2 else "native")
     print(f"Machine: {machine()}\nKernels: {isa}\n"
           f"Model: {args.model} (random weights), CPU; {load()} at start")
     files = sorted(COCO.rglob("*.jpg"))
     photos = [f.read_bytes() for f in files]
     texts = queries()
-    trees = [("this tree", None)]
+    trees = [("this tree", None, ["--backend", "onnx"] if avx2 else [])]
     if args.baseline_tree:
-        trees.append((f"baseline ({args.baseline_tree.name})", args.baseline_tree))
-    results = {label: measure_tree(label, tree, args.model, precision, args.seconds, photos,
-                                   texts) for label, tree in trees}
-    chosen = results["this tree"]["precision"]
-    progress(f"tower alone at {chosen}")
-    tower = tower_speed(args.model, chosen, files)
+        trees.append((f"baseline ({args.baseline_tree.name})", args.baseline_tree,
+                      ["--precision", "fp32"] if avx2 else []))
+    results = {label: measure_tree(label, tree, args.model, flags, args.seconds, photos,
+                                   texts) for label, tree, flags in trees}
+    chosen, backend = results["this tree"]["precision"], results["this tree"]["backend"]
+    progress(f"tower alone: {backend} {chosen}")
+    tower = tower_speed(args.model, chosen, backend, files)
     progress("naive open_clip fp32")
     naive = naive_speed(args.model, files)
     best = max(tower.values())
-    section(f"The image tower alone, {chosen}, img/s by batch size (this process)",
+    section(f"The image tower alone, {backend} {chosen}, img/s by batch size (this process)",
             table(["batch", *map(str, tower)], [["img/s", *tower.values()]]))
     rows = []
     for label, r in results.items():
-        rows.append([label, r["precision"], r["batch"], r["reported"], r["thumbs_on"],
-                     r["thumbs_off"], f"{r['thumbs_on'] / r['thumbs_off']:.2f}",
+        rows.append([label, f"{r['backend']} {r['precision']}", r["batch"], r["reported"],
+                     r["thumbs_on"], r["thumbs_off"], f"{r['thumbs_on'] / r['thumbs_off']:.2f}",
                      f"{r['thumbs_on'] / best:.2f}", f"{r['thumbs_on'] / naive:.2f}"])
     section(f"Ingest, {UPLOADERS} clients x {PER_CALL} coco128 JPEGs a call, default settings; "
             f"tower best {best:.1f} img/s, naive fp32 open_clip {naive:.1f} img/s", table(
-                ["server", "precision", "batch", "server's ceiling img/s", "thumbnails img/s",
+                ["server", "backend", "batch", "server's ceiling img/s", "thumbnails img/s",
                  "no thumbnails img/s", "on/off", "vs tower", "vs naive"], rows))
     rows = [[label, r["thumbs_on"], r["mixed"], f"{r['mixed'] / r['thumbs_on']:.2f}",
-             r["queries"], r["p50"], r["p99"]] for label, r in results.items()]
-    section(f"Text searches (1 client) while {UPLOADERS} clients upload", table(
-        ["server", "upload alone img/s", "upload + queries img/s", "ratio", "searches",
-         "p50 ms", "p99 ms"], rows))
+             r["queries"], r["p50"], r["p99"], r["paced"], f"{r['paced'] / r['thumbs_on']:.2f}",
+             r["paced_p50"], r["paced_p99"]] for label, r in results.items()]
+    section(f"Text searches (1 client) while {UPLOADERS} clients upload: back to back, and "
+            f"{QUERY_RATE:g} a second", table(
+                ["server", "upload alone img/s", "upload + queries img/s", "ratio", "searches",
+                 "p50 ms", "p99 ms", f"upload + {QUERY_RATE:g} q/s", "ratio", "p50 ms",
+                 "p99 ms"], rows))
     print(f"\n{load()} at end")
     return 0
 

@@ -38,9 +38,13 @@ PER_CALL = 8
 
 
 def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
-          with_queries: bool, tag: str, collection: str = "upload"
+          with_queries: bool, tag: str, collection: str = "upload", query_rate: float = 0.0
           ) -> tuple[int, float, list[float]]:
-    """Upload (and query) for `seconds`: images uploaded, seconds taken, query latencies."""
+    """Upload (and query) for `seconds`: images uploaded, seconds taken, query latencies.
+
+    The query client sends its next query as soon as one is answered, or with `query_rate`,
+    one every 1/query_rate seconds (a query answered late is followed at once).
+    """
     stop = threading.Event()
     uploaded = [0] * UPLOADERS
     latencies: list[float] = []
@@ -64,7 +68,11 @@ def phase(address: str, photos: list[bytes], texts: list[str], seconds: float,
     def query() -> None:
         try:
             with Client(address) as c:
+                due = time.perf_counter()
                 for text in itertools.cycle(texts):
+                    if query_rate:
+                        stop.wait(max(0.0, due - time.perf_counter()))
+                        due += 1 / query_rate
                     if stop.is_set():
                         return
                     started = time.perf_counter()

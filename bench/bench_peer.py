@@ -19,7 +19,11 @@ Infinity is not a project dependency: this script installs it into its own virtu
 environment under bench/out/ (git-ignored) on first use, with aiohttp, which its image
 path imports but its `server` extra does not install.
 
-Run: .venv/bin/python bench/bench_peer.py                 (~10 minutes, plus the install)
+`--isa avx2` caps torch's kernels at AVX2 in both servers (bench/common.AVX2_ENV), as on an
+AMD Zen 3, and runs clipsearch's best as its defaults run on a CPU without native bf16:
+`--backend onnx` (ONNX Runtime fp32, which has no such cap).
+
+Run: .venv/bin/python bench/bench_peer.py [--isa avx2]    (~10 minutes, plus the install)
      .venv/bin/python bench/bench_peer.py --seconds 5     (a smoke run)
 """
 
@@ -41,11 +45,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import open_clip
-from bench_throughput import COCO, queries, start_server
-from common import load, machine, ms, progress, run_for, section, table
+from common import (
+    AVX2_ENV,
+    limit_isa_before_torch,
+    load,
+    machine,
+    ms,
+    progress,
+    run_for,
+    section,
+    table,
+)
 
-from clipsearch import Client
+limit_isa_before_torch()
+
+import open_clip  # noqa: E402
+from bench_throughput import COCO, queries, start_server  # noqa: E402
+
+from clipsearch import Client  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 VENV = OUT / "infinity-venv"
@@ -193,10 +210,10 @@ def measure(name: str, text_call: Callable[[], Callable[[int], int]],
     return result
 
 
-def run_clipsearch(precision: str, texts: list[str], photos: list[bytes], seconds: float,
+def run_clipsearch(flags: list[str], texts: list[str], photos: list[bytes], seconds: float,
                    tmp: Path) -> dict:
-    proc, address = start_server("ViT-B-32", tmp / f"data-{precision}",
-                                 ["--text-cache-size", "0", "--precision", precision])
+    proc, address = start_server("ViT-B-32", tmp / f"data-{'-'.join(flags)}",
+                                 ["--text-cache-size", "0", *flags])
     try:
         def text_call() -> Callable[[int], int]:
             client = Client(address)
@@ -209,9 +226,10 @@ def run_clipsearch(precision: str, texts: list[str], photos: list[bytes], second
                  for j in range(IMAGES_PER_CALL)]))
 
         with Client(address) as c:
-            chosen = c.info().precision
-        return {"setting": f"--precision {precision} ({chosen})",
-                **measure(f"clipsearch {precision}", text_call, image_call, seconds)}
+            info = c.info()
+        asked = " ".join(flags)
+        return {"setting": f"{asked} ({info.backend} {info.precision})",
+                **measure(f"clipsearch {asked}", text_call, image_call, seconds)}
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
@@ -253,16 +271,22 @@ def rows_for(label: str, ours: dict, peer: dict) -> list[list[object]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="avx2: torch capped at AVX2 in both servers (see above)")
     args = parser.parse_args(argv)
+    best_flags = ["--backend", "onnx"] if args.isa == "avx2" else ["--precision", "auto"]
     print(f"Machine: {machine()}")
+    if args.isa == "avx2":
+        print("Kernels: torch capped at AVX2 in both servers (" +
+              ", ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + ")")
     print(f"Model: ViT-B/32 (random weights) on both, CPU; {load()} at start")
     command = ensure_infinity()
     texts = queries()
     photos = [p.read_bytes() for p in sorted(COCO.rglob("*.jpg"))]
     with tempfile.TemporaryDirectory() as tmp:
         infinity = run_infinity(command, texts, photos, args.seconds, Path(tmp))
-        fp32 = run_clipsearch("fp32", texts, photos, args.seconds, Path(tmp))
-        best = run_clipsearch("auto", texts, photos, args.seconds, Path(tmp))
+        fp32 = run_clipsearch(["--precision", "fp32"], texts, photos, args.seconds, Path(tmp))
+        best = run_clipsearch(best_flags, texts, photos, args.seconds, Path(tmp))
     section("clipsearch vs Infinity, same texts, photos and concurrency", table(
         ["run", "load", "clipsearch /s", "p50 ms", "p99 ms", "Infinity /s", "p50 ms", "p99 ms",
          "ratio"], rows_for("both fp32", fp32, infinity) + rows_for("each at its best", best,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import socket
@@ -17,6 +18,24 @@ from pathlib import Path
 import numpy as np
 
 _STARTED = time.perf_counter()
+
+# torch's kernels as on an AVX2-only CPU (AMD Zen 3): oneDNN (convolutions, bf16 matmuls), MKL
+# (fp32 matmuls) and ATen's own vectorised kernels. ONNX Runtime, Pillow and hnswlib have no
+# such switch and keep using what the CPU has.
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def limit_isa_before_torch() -> None:
+    """With `--isa avx2` on the command line, start again with AVX2_ENV set, before torch loads
+    (the libraries read it once); servers started from here inherit it."""
+    args = " ".join(sys.argv[1:]).replace("=", " ").split()
+    if not any(a == "--isa" and b == "avx2" for a, b in itertools.pairwise(args)):
+        return
+    if all(os.environ.get(k) == v for k, v in AVX2_ENV.items()):
+        return
+    os.environ.update(AVX2_ENV)
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def progress(message: str) -> None:

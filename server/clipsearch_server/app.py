@@ -163,6 +163,7 @@ async def _serve(settings: Settings) -> int:
              model.name, settings.weights_source if settings.encoder == "local" else "encoder",
              model.device, model.precision, model.dim, model.load_seconds, model.fingerprint)
     log.info("precision %s: %s", model.precision, model.precision_reason)
+    log.info("backend %s: %s", model.backend, model.backend_reason)
     log.info("encoder: %s", encoder.describe())
     if model.random_weights:
         log.warning(RANDOM_WEIGHTS_WARNING)
