@@ -24,6 +24,8 @@ from .collection import (
 )
 
 log = logging.getLogger(__name__)
+LOAD_TRIES = 3  # loading a collection into memory, see _load_into_memory
+LOAD_RETRY_S = 0.5  # the first wait between tries; it doubles
 
 
 class MilvusCollections:
@@ -78,13 +80,29 @@ class MilvusCollections:
             if props.get(PROPS + "name") != name:
                 raise NotFound(f"collection {name!r} does not exist")
             started = time.perf_counter()
-            self.client.load_collection(mname)
+            self._load_into_memory(mname)
         collection = MilvusCollection(self.client, name, props, self.embedded)
         with self._lock:
             collection = self._open.setdefault(name, collection)
         log.info("collection %s: opened in Milvus (%s) in %.2fs", name, mname,
                  time.perf_counter() - started)
         return collection
+
+    def _load_into_memory(self, mname: str) -> None:
+        """load_collection, tried again after an engine error. Milvus Lite restarted after a
+        SIGKILL has failed its first read of an index file ('Resource temporarily
+        unavailable') once in CI; the second read works."""
+        from pymilvus.exceptions import MilvusException
+
+        for attempt in range(LOAD_TRIES):
+            try:
+                self.client.load_collection(mname)
+                return
+            except MilvusException as exc:
+                if attempt == LOAD_TRIES - 1:
+                    raise
+                log.warning("loading %s failed in Milvus (%s); trying again", mname, exc)
+                time.sleep(LOAD_RETRY_S * 2 ** attempt)
 
     def names(self) -> list[str]:
         with engine("list collections"):
