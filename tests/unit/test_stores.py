@@ -231,3 +231,32 @@ def test_a_new_data_dir_is_created_for_every_store(kind: str, tmp_path: Path) ->
     finally:
         reg.close_all()
     assert folder.is_dir()
+
+
+def test_milvus_load_is_tried_again_after_an_engine_error(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """An engine restarted after a crash may fail its first read of an index file; loading a
+    collection is tried again (LOAD_TRIES), and a lasting failure still surfaces."""
+    pytest.importorskip("pymilvus")
+    from pymilvus.exceptions import MilvusException
+
+    from clipsearch_server.stores.milvus import registry
+
+    class FlakyClient:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.calls = failures, 0
+
+        def load_collection(self, name: str) -> None:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise MilvusException(message="read error: Resource temporarily unavailable")
+
+    monkeypatch.setattr(registry, "LOAD_RETRY_S", 0.0)
+    collections = registry.MilvusCollections.__new__(registry.MilvusCollections)
+    collections.client = FlakyClient(failures=registry.LOAD_TRIES - 1)
+    collections._load_into_memory("cs_x")
+    assert collections.client.calls == registry.LOAD_TRIES
+    collections.client = FlakyClient(failures=registry.LOAD_TRIES)
+    with pytest.raises(MilvusException, match="temporarily unavailable"):
+        collections._load_into_memory("cs_x")
+    assert collections.client.calls == registry.LOAD_TRIES
