@@ -47,7 +47,8 @@ class Towers(Protocol):
 
     def encode_texts(self, texts: list[str]) -> np.ndarray: ...
 
-    def encode_images(self, pixels: torch.Tensor) -> np.ndarray: ...
+    def encode_images(self, pixels: torch.Tensor,
+                      between: Callable[[], None] | None = None) -> np.ndarray: ...
 
 
 def onnx_available() -> bool:
@@ -77,13 +78,13 @@ def choose_backend(backend: str, precision: str, device: torch.device,
 
 
 def model_info(model: ClipModel, backend: str = "torch", backend_reason: str = "",
-               towers: Towers | None = None, precision_reason: str | None = None) -> ModelInfo:
+               precision: str | None = None, precision_reason: str | None = None) -> ModelInfo:
     """What a loaded model tells the service about itself."""
     return ModelInfo(
         name=model.name, pretrained=model.pretrained,
         checkpoint=str(model.checkpoint) if model.checkpoint else None,
         random_weights=model.random_weights, device=str(model.device),
-        precision=getattr(towers, "precision", model.precision),
+        precision=precision or model.precision,
         precision_reason=precision_reason or model.precision_reason, dim=model.dim,
         image_size=model.image_size, fingerprint=model.fingerprint,
         logit_scale=float(model.module.logit_scale.detach().exp().item()),
@@ -116,4 +117,4 @@ def load_towers(settings: AnySettings) -> tuple[Towers, ModelInfo]:
         log.warning("ONNX Runtime towers unavailable (%s); running torch", exc)
         return model, model_info(model, "torch", f"auto: the ONNX export failed ({exc})")
     log.info("ONNX Runtime %s graphs from %s", precision, towers.folder)
-    return towers, model_info(model, "onnxruntime", reason, towers, precision_reason)
+    return towers, model_info(model, "onnxruntime", reason, precision, precision_reason)

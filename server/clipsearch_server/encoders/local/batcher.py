@@ -71,7 +71,7 @@ class Batcher:
         # Modalities whose encoder takes `between=`, a callback run at pause points mid-call.
         self.pausable = pausable
         self._serving_between = False
-        self._between_s = 0.0  # time the current call spent serving queries at pause points
+        self._between_s = 0.0  # all the time spent serving queries at pause points, so far
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queued = max_queued
@@ -79,7 +79,6 @@ class Batcher:
         # Longest model call a bulk batch may make before interactive work gets a turn; 0 runs
         # bulk batches whole. Read on every bulk batch, so it can be changed while running.
         self.max_call_s = max_call_s
-        self._seconds_per_input: dict[str, float] = {}  # measured, a moving average
         # Cost per input of each (modality, batch size) measured, a moving average.
         self._cost: dict[tuple[str, int], float] = {}
         # Batch sizes each modality has run. A CPU backend (oneDNN) prepares its kernels per
@@ -222,22 +221,20 @@ class Batcher:
         With `pause`, the encoder serves waiting queries at its pause points; that time is
         theirs, not the call's, and is left out of the measurement.
         """
-        self._between_s = 0.0
+        paused_before = self._between_s
         started = time.perf_counter()
         if pause:
             vectors = self._encoders[modality](inputs, between=self._serve_between)
         else:
             vectors = self._encoders[modality](inputs)
-        cost = (time.perf_counter() - started - self._between_s) / max(1, len(inputs))
+        paused = self._between_s - paused_before
+        cost = (time.perf_counter() - started - paused) / max(1, len(inputs))
         shape = (modality, len(inputs))
         if shape in self._sizes_seen:
-            for key, table in (((modality, len(inputs)), self._cost),
-                               (modality, self._seconds_per_input)):
-                old = table.get(key)  # type: ignore[call-overload]
-                table[key] = cost if old is None else old + _COST_SMOOTHING * (cost - old)
+            old = self._cost.get(shape)
+            self._cost[shape] = cost if old is None else old + _COST_SMOOTHING * (cost - old)
         else:
             self._sizes_seen.add(shape)
-            self._seconds_per_input.setdefault(modality, cost)
         return vectors
 
     def _serve_between(self) -> None:
@@ -267,9 +264,8 @@ class Batcher:
         if not measured:
             seen = [size for (m, size) in self._sizes_seen if m == modality]
             return min(max(seen, default=FIRST_CALL), self.max_batch)  # measure it first
-        bound = (modality not in self.pausable and self.max_call_s > 0)
-        best = min(measured.values())
-        fastest = min(size for size, cost in measured.items() if cost <= best * (1 + _GAIN))
+        bound = modality not in self.pausable
+        fastest = _fastest(measured)
         if bound:
             quick = [size for size, cost in measured.items() if size * cost <= self.max_call_s]
             fastest = min(fastest, max(quick)) if quick else min(measured)
@@ -289,9 +285,7 @@ class Batcher:
         for modality in sorted({m for m, _ in self._cost}):
             costs = dict(sorted((s, c) for (m, s), c in self._cost.items() if m == modality))
             size = self.call_size(modality)
-            best = min(costs.values())
-            chosen = size if size in costs else min(
-                s for s, c in costs.items() if c <= best * (1 + _GAIN))
+            chosen = size if size in costs else _fastest(costs)
             tried = ", ".join(f"{s}: {c * 1000:.1f}" for s, c in costs.items())
             why = ("whole batches (--max-model-call-ms 0)" if self.max_call_s <= 0
                    else "queries served between the call's blocks" if modality in self.pausable
@@ -327,6 +321,12 @@ class Batcher:
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.queued())
+
+
+def _fastest(costs: dict[int, float]) -> int:
+    """The smallest batch size whose cost per input is within _GAIN of the cheapest."""
+    best = min(costs.values())
+    return min(size for size, cost in costs.items() if cost <= best * (1 + _GAIN))
 
 
 def _power_of_two_at_most(n: int) -> int:

@@ -155,9 +155,17 @@ class _TextGraph(torch.nn.Module):
         return x @ clip.text_projection
 
 
-def graph_names(model: ClipModel) -> list[str]:
+def graph_names(model: ClipModel, folder: Path | None = None) -> list[str]:
     """The graphs of this model: one per image block where the cut fits (onnx_stages), or the
-    whole image tower; then the text tower."""
+    whole image tower; then the text tower.
+
+    A cache `folder` that holds either form says which, so a start from the cache runs no
+    model forward to find out.
+    """
+    if folder is not None and (folder / tower_file("image.00", "fp32")).is_file():
+        return [*stage_names(stage_count(model.module)), "text"]
+    if folder is not None and (folder / tower_file("image", "fp32")).is_file():
+        return ["image", "text"]
     clone = _export_clone(model.module)
     pixels = torch.randn(2, 3, model.image_size, model.image_size, device=model.device)
     image = stage_names(stage_count(clone)) if stages_match(clone, pixels) else ["image"]
@@ -352,7 +360,7 @@ class OnnxTowers:
         """Load the cached graphs of `model`, exporting (or re-exporting) those missing."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-        graphs = graph_names(model)
+        graphs = graph_names(model, cache_folder(model, cache_dir))
         folder = export_towers(model, cache_dir, int8=precision == "int8", graphs=graphs)
         threads = threads or os.cpu_count() or 1
         sessions = {}
